@@ -1,0 +1,250 @@
+"""The `xmr` command line: train, eval, export, repo, serve, search, check, demo.
+
+Bad input (a missing run, an empty query, an unknown option value) ends with `error: ...` naming the
+problem and exit code 2; a server-side error with its message and exit code 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+
+from xmr.clients.server import LOOPBACK, ServerError
+from xmr.clients.triton_client import XmrClient
+from xmr.models.errors import InputError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Cross-modal retrieval: train, export, serve."
+)
+console = Console(width=None if sys.stdout.isatty() else 130)  # tables unwrapped in logs
+
+
+class Protocol(str, Enum):
+    grpc = "grpc"
+    http = "http"
+
+
+class Target(str, Enum):
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+@app.command()
+def train(
+    model: str = typer.Argument("rvse", help="model family (rvse)"),
+    data: str = typer.Option("shapes", help="dataset: shapes | precomputed"),
+    data_root: Path | None = typer.Option(None, help="folder of the precomputed-features format"),
+    epochs: int = typer.Option(10, min=1),
+    batch_size: int = typer.Option(128, min=2),
+    lr: float = typer.Option(2e-3),
+    loss: str = typer.Option("triplet_hn", help="training objective (see xmr.models.losses.LOSSES)"),
+    seed: int = typer.Option(0),
+    n_train: int | None = typer.Option(None, help="use only the first N training images"),
+    n_eval: int | None = typer.Option(None, help="use only the first N val/test images"),
+    out: Path = typer.Option(Path("runs/rvse"), help="run folder to write"),
+):
+    """Train a model and write OUT/{model.safetensors, config.json, tokenizer.json, metrics.json}."""
+    from xmr.models.train import TrainConfig
+    from xmr.models.train import train as run_training
+
+    if model != "rvse":
+        raise InputError(f"unknown model {model!r}; valid: rvse")
+    cfg = TrainConfig(
+        data=data,
+        data_root=str(data_root) if data_root else None,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        loss=loss,
+        seed=seed,
+        n_train=n_train,
+        n_eval=n_eval,
+    )
+    metrics = run_training(cfg, out)
+    _print_recall({"PyTorch (test)": metrics["test"]})
+    console.print(f"wrote {out}")
+
+
+@app.command("eval")
+def evaluate_cmd(run: Path, split: str = typer.Option("test", help="split to score")):
+    """Print and write (RUN/eval_SPLIT.json) Recall@1/5/10 both directions and rSum."""
+    from xmr.models.checkpoint import load_run, write_json
+    from xmr.models.data import load_split
+    from xmr.models.evaluate import evaluate
+
+    model, tokenizer, config = load_run(run)
+    tc = config["train_config"]
+    data = load_split(tc["data"], split, root=tc.get("data_root"))
+    if tc.get("n_eval"):
+        from xmr.models.train import subset
+
+        data = subset(data, tc["n_eval"])
+    metrics = evaluate(model, tokenizer, data)
+    write_json(run / f"eval_{split}.json", metrics)
+    _print_recall({f"PyTorch ({split})": metrics})
+
+
+@app.command()
+def export(run: Path, out: Path = typer.Option(Path("artifacts/rvse"), help="artifact folder to write")):
+    """Export the towers to ONNX with a manifest (I/O specs, sha256, parity vs PyTorch)."""
+    from xmr.export.onnx_export import export_run
+
+    manifest = export_run(run, out)
+    parity = manifest["parity"]
+    console.print(
+        f"image tower: max abs err {parity['image_encoder']['max_abs_err']:.2e}, "
+        f"min cosine {parity['image_encoder']['min_cosine']:.6f}"
+    )
+    console.print(
+        f"text tower:  max abs err {parity['text_encoder']['max_abs_err']:.2e}, "
+        f"min cosine {parity['text_encoder']['min_cosine']:.6f}"
+    )
+    _print_recall({"PyTorch": parity["recall"]["pytorch"], "ONNX Runtime": parity["recall"]["onnxruntime"]})
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def repo(
+    artifacts: Path,
+    target: Target = typer.Option(Target.cpu),
+    out: Path = typer.Option(Path("build/repository"), help="repository folder to write"),
+):
+    """Assemble a servable Triton model repository from exported artifacts."""
+    from xmr.export.repository import build_repository
+
+    build_repository(artifacts, out, target.value)
+    console.print(f"wrote {out} ({target.value} target)")
+
+
+@app.command()
+def serve(
+    repository: Path = typer.Argument(Path("build/repository")),
+    host: str = typer.Option(LOOPBACK, help="address every endpoint binds to"),
+    grpc_port: int = typer.Option(8001),
+    http_port: int = typer.Option(8000),
+    metrics_port: int | None = typer.Option(
+        None, help="serve Prometheus metrics on this port (off if unset)"
+    ),
+):
+    """Run the real tritonserver (from nvidia-pytriton) on REPOSITORY until Ctrl-C / SIGTERM."""
+    from xmr.clients.server import TritonServer
+
+    server = TritonServer(
+        repository, host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port
+    )
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the server as cleanly as Ctrl-C
+    server.start()
+    console.print(
+        f"Triton ready: gRPC {server.grpc_url}  HTTP {server.http_url}"
+        + (f"  metrics {host}:{metrics_port}" if metrics_port else "")
+        + f"  (log: {server.log_path})"
+    )
+    try:
+        code = server.wait()
+        console.print(f"tritonserver exited with code {code}:\n{server.log_tail()}")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping tritonserver")
+    finally:
+        server.stop()
+
+
+@app.command()
+def search(
+    text: str,
+    k: int = typer.Option(5, "-k", help="how many results"),
+    protocol: Protocol = typer.Option(Protocol.grpc),
+    url: str | None = typer.Option(None, help="server address (default 127.0.0.1:8001 grpc / :8000 http)"),
+):
+    """Query the served text_search ensemble and print the top-k gallery ids with scores."""
+    client = XmrClient(url, protocol.value)
+    result = client.text_search([text], k)
+    console.print(f"query: {text!r}")
+    for rank, (i, s) in enumerate(zip(result.ids[0], result.scores[0], strict=True), 1):
+        console.print(f"  {rank:2d}. gallery id {int(i):6d}  score {float(s):.4f}")
+
+
+@app.command()
+def check(
+    artifacts: Path = typer.Argument(Path("artifacts/rvse")),
+    protocol: Protocol = typer.Option(Protocol.grpc),
+    url: str | None = typer.Option(None),
+    n: int = typer.Option(32, help="how many fixed test captions and images to send"),
+    tol: float = typer.Option(1e-4, help="max abs error allowed on embeddings and scores"),
+):
+    """Send fixed test inputs; compare served embeddings and rankings with PyTorch; exit 1 on mismatch."""
+    from xmr.clients.served import check_against_reference
+    from xmr.export.repository import read_manifest
+    from xmr.models.checkpoint import load_run
+    from xmr.models.data import load_split
+    from xmr.models.evaluate import embed_images, embed_texts
+
+    manifest = read_manifest(artifacts)
+    model, tokenizer, config = load_run(Path(manifest["run"]))
+    tc = config["train_config"]
+    data = load_split(tc["data"], "test", root=tc.get("data_root"))
+    texts, images = data.flat_captions()[:n], data.images[:n]
+    gallery = np.load(artifacts / "gallery.npy")
+    report = check_against_reference(
+        XmrClient(url, protocol.value),
+        texts,
+        images,
+        embed_texts(model, tokenizer, texts),
+        embed_images(model, images),
+        gallery,
+        tol=tol,
+    )
+    console.print(
+        f"text embeddings: max abs err {report.max_abs_err_text:.2e}; image embeddings: "
+        f"{report.max_abs_err_image:.2e}; rankings equal (up to ties): "
+        f"{report.rows_agreeing}/{report.rows}; tolerance {tol:g}"
+    )
+    if not report.ok:
+        console.print("[red]MISMATCH between the served models and PyTorch[/red]")
+        raise typer.Exit(1)
+    console.print("[green]served models match PyTorch[/green]")
+
+
+@app.command()
+def demo(
+    epochs: int = typer.Option(10, min=1),
+    workdir: Path = typer.Option(Path("."), help="where runs/, artifacts/ and build/ go"),
+    retrain: bool = typer.Option(False, help="train again even if runs/demo exists"),
+):
+    """The whole job on the CPU: train, evaluate, export, build the repository, serve, query, compare."""
+    from xmr.clients.demo import run_demo
+
+    run_demo(workdir, epochs=epochs, retrain=retrain, console=console)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _print_recall(rows: dict[str, dict[str, float]]) -> None:
+    from xmr.clients.report import recall_table
+
+    console.print(recall_table(rows))
+
+
+def main() -> None:
+    """Console entry point: clear one-line errors instead of tracebacks for bad input."""
+    err = Console(stderr=True)
+    try:
+        app()
+    except InputError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(2)
+    except ServerError as e:
+        err.print(f"[red]server error:[/red] {e}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

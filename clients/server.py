@@ -1,0 +1,223 @@
+"""Start and stop the real Triton Inference Server that ships inside the `nvidia-pytriton` wheel.
+
+No Docker and no look-alike server: `TritonServer` runs the `tritonserver` binary (2.51) directly on a
+model repository. The wheel carries the binary, the python backend library and one backend *stub* per
+Python version; the stub must sit in the `backends/python/` folder that is passed as
+`--backend-directory`, so we lay out a small backend folder of symlinks in a temporary directory.
+
+The python-backend models import `xmr` and onnxruntime/faiss from this interpreter's environment, which
+the stub only sees when this environment's `bin/` comes first on PATH.
+
+Every endpoint binds to 127.0.0.1 unless another address is asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xmr.models.errors import InputError
+
+LOOPBACK = "127.0.0.1"
+
+
+class ServerError(RuntimeError):
+    """The server failed to start, answered with an error, or could not be reached; the message says which."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that is free right now on `host` (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError as e:  # the `serve` extra is missing
+        raise InputError(
+            "the Triton server needs the `serve` extra: pip install 'xmr[serve]' (nvidia-pytriton)"
+        ) from e
+    return Path(pytriton.__file__).parent
+
+
+def tritonserver_binary() -> Path:
+    """Path of the `tritonserver` binary shipped in the nvidia-pytriton wheel."""
+    binary = _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise InputError(f"tritonserver binary not found at {binary}; reinstall nvidia-pytriton")
+    return binary
+
+
+def server_libs() -> Path:
+    """The folder of shared libraries bundled with the wheel (libcudart, libb64, ...)."""
+    return _pytriton_root().parent / "nvidia_pytriton.libs"
+
+
+def make_backend_dir(dest: Path) -> Path:
+    """Lay out `dest/python/` with the python backend and the stub for this interpreter's version."""
+    root = _pytriton_root() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise InputError(
+            f"nvidia-pytriton has no python backend stub for Python {version} (looked at {stub})"
+        )
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for src in [*(root / "backends" / "python").iterdir(), stub]:
+        if src.name != "__pycache__":
+            (python_dir / src.name).symlink_to(src)
+    return dest
+
+
+@dataclass
+class TritonServer:
+    """A `tritonserver` process on a model repository; use as a context manager or call start/stop.
+
+    Ports default to free ones picked at start; `host` is the address every endpoint binds to.
+    """
+
+    repository: Path
+    host: str = LOOPBACK
+    grpc_port: int | None = None
+    http_port: int | None = None
+    metrics_port: int | None = None  # None: metrics off
+    log_path: Path | None = None  # server output; default: a file in the work dir, removed at stop
+    verbose: bool = False
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _workdir: Path | None = field(default=None, init=False, repr=False)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    def command(self, backend_dir: Path) -> list[str]:
+        cmd = [
+            str(tritonserver_binary()),
+            f"--model-repository={Path(self.repository).resolve()}",
+            f"--backend-directory={backend_dir}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            "--allow-sagemaker=false",
+            "--allow-vertex-ai=false",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            f"--log-verbose={1 if self.verbose else 0}",
+        ]
+        if self.metrics_port is None:
+            cmd.append("--allow-metrics=false")
+        else:
+            cmd += [f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}"]
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        env = os.environ.copy()
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        libs = str(server_libs())
+        env["LD_LIBRARY_PATH"] = f"{env['LD_LIBRARY_PATH']}:{libs}" if env.get("LD_LIBRARY_PATH") else libs
+        env.setdefault("OMP_NUM_THREADS", "1")  # ONNX Runtime/torch inside python models: no oversubscription
+        return env
+
+    def start(self, timeout_s: float = 120.0) -> TritonServer:
+        repo = Path(self.repository)
+        if not repo.is_dir():
+            raise InputError(f"model repository {repo} does not exist; build one with `xmr repo`")
+        self.grpc_port = self.grpc_port or free_port(self.host)
+        self.http_port = self.http_port or free_port(self.host)
+        self._workdir = Path(tempfile.mkdtemp(prefix="xmr-triton-"))
+        backend_dir = make_backend_dir(self._workdir / "backends")
+        self.log_path = self.log_path or self._workdir / "tritonserver.log"
+        log = open(self.log_path, "wb")  # noqa: SIM115 (the child process owns it)
+        self._proc = subprocess.Popen(
+            self.command(backend_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+            start_new_session=True,
+        )
+        log.close()
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise ServerError(
+                    f"tritonserver exited with code {self._proc.returncode}:\n{self.log_errors()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise ServerError(
+            f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_errors() or self.log_tail()}"
+        )
+
+    def log_errors(self) -> str:
+        """The error lines of the server log, without the CUDA complaints of a GPU-less host."""
+        lines = self.log_tail(n=10_000).splitlines()
+        harmless = ("CudaDriverHelper", "CUDA driver", "cuda", "CUDA")
+        return "\n".join(
+            ln
+            for ln in lines
+            if (ln.startswith("E") or ln.startswith("error")) and not any(h in ln for h in harmless)
+        )
+
+    def log_tail(self, n: int = 40) -> str:
+        if self.log_path is None or not Path(self.log_path).exists():
+            return ""
+        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait(self) -> int:
+        """Block until the server exits (for `xmr serve`); returns its exit code."""
+        assert self._proc is not None
+        return self._proc.wait()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGINT (Triton's graceful shutdown), then SIGKILL to the whole process group if it hangs."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        self._proc = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,183 @@
+"""The one definition of every served model's tensors: names, dtypes, shapes with named dynamic dims.
+
+The ONNX export, the `config.pbtxt` files, the python-backend models and the clients all read these specs;
+a test renders the committed `model_repository/*/config.pbtxt` from them and checks they agree.
+
+A shape is a tuple whose entries are ints (fixed) or strings (a named dynamic dim). The first entry of a
+batched model is always "batch"; Triton's `dims` leave it out (it is `max_batch_size`'s). A batched input
+of shape ("batch",) is one value per request row; Triton needs `dims: [1]` there, so it is rendered with
+`reshape { shape: [] }`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# numpy dtype name -> (Triton config type, Triton client datatype)
+DTYPES: dict[str, tuple[str, str]] = {
+    "float32": ("TYPE_FP32", "FP32"),
+    "float16": ("TYPE_FP16", "FP16"),
+    "int64": ("TYPE_INT64", "INT64"),
+    "int32": ("TYPE_INT32", "INT32"),
+    "uint8": ("TYPE_UINT8", "UINT8"),
+    "bytes": ("TYPE_STRING", "BYTES"),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # a key of DTYPES
+    shape: tuple[int | str, ...]  # "batch" first for batched models; other strings are dynamic dims
+
+    @property
+    def triton_type(self) -> str:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def client_dtype(self) -> str:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(object) if self.dtype == "bytes" else np.dtype(self.dtype)
+
+    def triton_dims(self) -> list[int]:
+        """`dims` of config.pbtxt: no batch dim, -1 for dynamic dims."""
+        dims = [d if isinstance(d, int) else -1 for d in self.shape[1:]]
+        return dims or [1]
+
+    def onnx_dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return _by_name(self.inputs, name, f"input of {self.name}")
+
+    def output(self, name: str) -> TensorSpec:
+        return _by_name(self.outputs, name, f"output of {self.name}")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def to_dict(self) -> dict:
+        def tensors(ts):
+            return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in ts]
+
+        return {"name": self.name, "inputs": tensors(self.inputs), "outputs": tensors(self.outputs)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        def tensors(ts):
+            return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in ts)
+
+        return cls(d["name"], tensors(d["inputs"]), tensors(d["outputs"]))
+
+
+def _by_name(tensors, name: str, what: str) -> TensorSpec:
+    for t in tensors:
+        if t.name == name:
+            return t
+    raise KeyError(f"no {what} named {name!r}; valid: {', '.join(t.name for t in tensors)}")
+
+
+# ----------------------------------------------------------------------------- the image-text models
+
+
+def text_encoder_spec(embed_dim: int) -> ModelSpec:
+    return ModelSpec(
+        "text_encoder",
+        inputs=(
+            TensorSpec("input_ids", "int64", ("batch", "tokens")),
+            TensorSpec("lengths", "int64", ("batch",)),
+        ),
+        outputs=(TensorSpec("text_embedding", "float32", ("batch", embed_dim)),),
+    )
+
+
+def image_encoder_spec(embed_dim: int, image_size: int, region_dim: int | None = None) -> ModelSpec:
+    """Normalised pixels (B, 3, H, W), or region features (B, R, Dr) for a precomputed-features model."""
+    if region_dim:
+        x = TensorSpec("regions", "float32", ("batch", "regions", region_dim))
+    else:
+        x = TensorSpec("pixel_values", "float32", ("batch", 3, image_size, image_size))
+    return ModelSpec("image_encoder", (x,), (TensorSpec("image_embedding", "float32", ("batch", embed_dim)),))
+
+
+def tokenizer_spec() -> ModelSpec:
+    return ModelSpec(
+        "tokenizer",
+        inputs=(TensorSpec("text", "bytes", ("batch", 1)),),
+        outputs=(
+            TensorSpec("input_ids", "int64", ("batch", "tokens")),
+            TensorSpec("lengths", "int64", ("batch",)),
+        ),
+    )
+
+
+def preprocess_spec(image_size: int) -> ModelSpec:
+    return ModelSpec(
+        "preprocess",
+        inputs=(TensorSpec("image", "uint8", ("batch", image_size, image_size, 3)),),
+        outputs=(TensorSpec("pixel_values", "float32", ("batch", 3, image_size, image_size)),),
+    )
+
+
+def gallery_topk_spec(embed_dim: int) -> ModelSpec:
+    return ModelSpec(
+        "gallery_topk",
+        inputs=(
+            TensorSpec("query_embedding", "float32", ("batch", embed_dim)),
+            TensorSpec("top_k", "int32", ("batch",)),
+        ),
+        outputs=(TensorSpec("ids", "int64", ("batch", "k")), TensorSpec("scores", "float32", ("batch", "k"))),
+    )
+
+
+def text_search_spec(embed_dim: int) -> ModelSpec:
+    """Ensemble: text -> tokenizer -> text_encoder -> gallery_topk."""
+    return ModelSpec(
+        "text_search",
+        inputs=(TensorSpec("text", "bytes", ("batch", 1)), TensorSpec("top_k", "int32", ("batch",))),
+        outputs=(
+            TensorSpec("ids", "int64", ("batch", "k")),
+            TensorSpec("scores", "float32", ("batch", "k")),
+            TensorSpec("text_embedding", "float32", ("batch", embed_dim)),
+        ),
+    )
+
+
+def image_embed_spec(embed_dim: int, image_size: int) -> ModelSpec:
+    """Ensemble: uint8 image -> preprocess -> image_encoder."""
+    return ModelSpec(
+        "image_embed",
+        inputs=(TensorSpec("image", "uint8", ("batch", image_size, image_size, 3)),),
+        outputs=(TensorSpec("image_embedding", "float32", ("batch", embed_dim)),),
+    )
+
+
+def image_text_specs(embed_dim: int, image_size: int, region_dim: int | None = None) -> dict[str, ModelSpec]:
+    """Every model of the image-text repository, by name."""
+    specs = [
+        tokenizer_spec(),
+        text_encoder_spec(embed_dim),
+        image_encoder_spec(embed_dim, image_size, region_dim),
+        gallery_topk_spec(embed_dim),
+        text_search_spec(embed_dim),
+    ]
+    if not region_dim:  # a pixel model also serves raw images
+        specs += [preprocess_spec(image_size), image_embed_spec(embed_dim, image_size)]
+    return {s.name: s for s in specs}

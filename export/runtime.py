@@ -1,0 +1,191 @@
+"""What runs inside the served models, as plain importable functions and classes.
+
+The python-backend `model.py` files in `model_repository/` are thin adapters around this module: they build
+these objects once in `initialize` and call them in `execute`. Everything here is numpy + onnxruntime + faiss
+(no torch), so a served model starts fast, and everything is unit-tested without a server.
+
+Bad input raises `InputError` with a message naming the input; the adapters turn it into a per-request
+`TritonError`, so one bad request never fails the others in its batch nor the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from xmr.export.iospec import ModelSpec
+from xmr.models.errors import InputError
+
+
+def decode_texts(arr: np.ndarray, name: str = "text") -> list[str]:
+    """A Triton BYTES tensor (B, 1) of UTF-8 -> B strings."""
+    texts = []
+    for i, item in enumerate(np.asarray(arr, dtype=object).reshape(-1)):
+        if isinstance(item, bytes):
+            try:
+                item = item.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{name} {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+        texts.append(str(item))
+    return texts
+
+
+def check_finite(name: str, x: np.ndarray) -> None:
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise InputError(f"input {name!r} contains NaN or infinite values")
+
+
+def pad_concat(arrays: Sequence[np.ndarray], pad_value=0) -> np.ndarray:
+    """Concatenate along the batch dim, right-padding every other dim to the largest size."""
+    if len({a.shape[1:] for a in arrays}) == 1:
+        return np.concatenate(arrays)
+    target = np.max([a.shape[1:] for a in arrays], axis=0)
+    padded = [
+        np.pad(
+            a,
+            [(0, 0)] + [(0, int(t) - s) for t, s in zip(target, a.shape[1:], strict=True)],
+            constant_values=pad_value,
+        )
+        for a in arrays
+    ]
+    return np.concatenate(padded)
+
+
+class OnnxRunner:
+    """An ONNX Runtime CPU session for one exported model, checked against its I/O spec.
+
+    `run` takes and returns `dict[name, array]` (Polygraphy's runner convention).
+    """
+
+    def __init__(self, path: str | Path, spec: ModelSpec, threads: int = 1):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"ONNX model {path} does not exist")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types on corrupt files
+            raise InputError(f"{path} is not a loadable ONNX model: {e}") from e
+        self.spec = spec
+        got = [i.name for i in self.session.get_inputs()]
+        if got != spec.input_names:
+            raise InputError(f"{path} has inputs {got}; its I/O spec says {spec.input_names}")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for t in self.spec.inputs:
+            if t.name not in feeds:
+                raise InputError(f"missing input {t.name!r} for {self.spec.name}")
+            x = feeds[t.name]
+            if x.dtype != t.numpy_dtype:
+                raise InputError(f"input {t.name!r} has dtype {x.dtype}; expected {t.dtype}")
+            check_finite(t.name, x)
+        outs = self.session.run(self.spec.output_names, {t.name: feeds[t.name] for t in self.spec.inputs})
+        return dict(zip(self.spec.output_names, outs, strict=True))
+
+    def run_requests(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | InputError]:
+        """Run several requests as one batch (padding dynamic dims); a bad request gets its error back."""
+        return run_batched(requests, self.run)
+
+
+def run_batched(
+    requests: list[dict[str, np.ndarray]], fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+) -> list[dict[str, np.ndarray] | InputError]:
+    """Concatenate the requests' inputs, call `fn` once, split the outputs back per request.
+
+    If the batch fails with an InputError, each request is run alone so only the bad ones get the error.
+    """
+    if not requests:
+        return []
+    sizes = [len(next(iter(r.values()))) for r in requests]
+    try:
+        merged = {name: pad_concat([r[name] for r in requests]) for name in requests[0]}
+        out = fn(merged)
+    except InputError as e:
+        if len(requests) == 1:
+            return [e]
+        return [item for r in requests for item in run_batched([r], fn)]
+    bounds = np.cumsum([0, *sizes])
+    return [{k: v[a:b] for k, v in out.items()} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+class GalleryIndex:
+    """Top-k inner-product search over unit-norm gallery embeddings with FAISS.
+
+    `kind="flat"` is exact (`IndexFlatIP`); "hnsw" trades exactness for speed on large galleries.
+    """
+
+    def __init__(
+        self, embeddings: np.ndarray, ids: np.ndarray | None = None, kind: str = "flat", max_k: int = 1000
+    ):
+        import faiss
+
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or len(embeddings) == 0:
+            raise InputError(f"gallery embeddings have shape {embeddings.shape}; expected (N>0, D)")
+        check_finite("gallery embeddings", embeddings)
+        ids = np.arange(len(embeddings), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        if ids.shape != (len(embeddings),):
+            raise InputError(f"gallery ids have shape {ids.shape}; expected ({len(embeddings)},)")
+        self.dim = embeddings.shape[1]
+        if kind == "flat":
+            base = faiss.IndexFlatIP(self.dim)
+        elif kind == "hnsw":
+            base = faiss.IndexHNSWFlat(self.dim, 32, faiss.METRIC_INNER_PRODUCT)
+        else:
+            raise InputError(f"unknown gallery index kind {kind!r}; valid: flat, hnsw")
+        self.index = faiss.IndexIDMap(base)
+        self.index.add_with_ids(embeddings, ids)
+        self.max_k = min(max_k, len(embeddings))
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def check_k(self, k: int) -> int:
+        if not 1 <= k <= self.max_k:
+            raise InputError(f"top_k is {k}; expected 1 <= top_k <= {self.max_k} (gallery of {len(self)})")
+        return int(k)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, D) float32 queries -> ids (B, k) int64, scores (B, k) float32, best first."""
+        k = self.check_k(k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise InputError(f"query_embedding has shape {queries.shape}; expected (B, {self.dim})")
+        check_finite("query_embedding", queries)
+        scores, ids = self.index.search(queries, k)
+        return ids.astype(np.int64), scores.astype(np.float32)
+
+    def search_requests(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple | InputError]:
+        """Each request is (query_embedding (B, D), top_k (B,)); one FAISS call with the largest k."""
+        ks: list[int | InputError] = []
+        for _, top_k in requests:
+            values = np.unique(np.asarray(top_k).reshape(-1))
+            try:
+                if len(values) != 1:
+                    raise InputError(
+                        f"top_k differs across the rows of one request ({values.tolist()}); "
+                        "expected one value per request"
+                    )
+                ks.append(self.check_k(int(values[0])))
+            except InputError as e:
+                ks.append(e)
+        good = [i for i, k in enumerate(ks) if not isinstance(k, InputError)]
+        results: list[tuple | InputError] = list(ks)
+        if not good:
+            return results
+        k_max = max(ks[i] for i in good)
+        batch = run_batched(
+            [{"q": requests[i][0]} for i in good],
+            lambda f: dict(zip(("ids", "scores"), self.search(f["q"], k_max), strict=True)),
+        )
+        for i, out in zip(good, batch, strict=True):
+            results[i] = (
+                out if isinstance(out, InputError) else (out["ids"][:, : ks[i]], out["scores"][:, : ks[i]])
+            )
+        return results
