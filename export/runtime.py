@@ -161,8 +161,11 @@ class GalleryIndex:
         scores, ids = self.index.search(queries, k)
         return ids.astype(np.int64), scores.astype(np.float32)
 
-    def search_requests(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple | InputError]:
-        """Each request is (query_embedding (B, D), top_k (B,)); one FAISS call with the largest k."""
+    def search_requests(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[dict | InputError]:
+        """Each request is (query_embedding (B, D), top_k (B,)) -> {"ids", "scores"} or its error.
+
+        One FAISS call with the largest k of the batch; each request's answer is cut to its own k.
+        """
         ks: list[int | InputError] = []
         for _, top_k in requests:
             values = np.unique(np.asarray(top_k).reshape(-1))
@@ -176,9 +179,17 @@ class GalleryIndex:
             except InputError as e:
                 ks.append(e)
         good = [i for i, k in enumerate(ks) if not isinstance(k, InputError)]
-        results: list[tuple | InputError] = list(ks)
+        results: list[dict | InputError] = [k if isinstance(k, InputError) else {} for k in ks]
         if not good:
             return results
+        k_max = max(ks[i] for i in good)
+        batch = run_batched(
+            [{"q": requests[i][0]} for i in good],
+            lambda f: dict(zip(("ids", "scores"), self.search(f["q"], k_max), strict=True)),
+        )
+        for i, out in zip(good, batch, strict=True):
+            results[i] = out if isinstance(out, InputError) else {k: v[:, : ks[i]] for k, v in out.items()}
+        return results
         k_max = max(ks[i] for i in good)
         batch = run_batched(
             [{"q": requests[i][0]} for i in good],

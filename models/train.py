@@ -126,7 +126,7 @@ def train(cfg: TrainConfig, out: Path, model_overrides: dict | None = None) -> d
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            running += float(loss)
+            running += loss.item()
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{running / (i + 1):.3f}")
         val = evaluate(model, tokenizer, splits["val"])

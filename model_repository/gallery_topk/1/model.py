@@ -22,5 +22,5 @@ class TritonPythonModel:
         ok, inputs, slots = pb.collect(requests, self.spec)
         found = self.index.search_requests([(x["query_embedding"], x["top_k"]) for x in inputs])
         for i, result in zip(ok, found, strict=True):
-            slots[i] = result if isinstance(result, Exception) else dict(zip(("ids", "scores"), result, strict=True))
+            slots[i] = result
         return [pb.respond(r) for r in slots]

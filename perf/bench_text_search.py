@@ -1,0 +1,477 @@
+"""Served vs in-process throughput and latency of text search (text -> tokens -> text tower -> top-k).
+
+Two backends answer the same real test-split captions with the same top-k, side by side in one run:
+
+- `served`: the `text_search` ensemble (tokenizer -> text_encoder -> gallery_topk, python-backend models
+  hosting ONNX Runtime and FAISS) in the real `tritonserver`, on free loopback ports, loaded by Triton's
+  own `perf_analyzer` over gRPC in concurrency mode. Each point is a fixed number of requests
+  (`--request-count`), so every point takes a known amount of work and no stabilisation loop runs.
+- `in-process`: the same functions the served models call (`encode_batch`, `OnnxRunner`,
+  `GalleryIndex.search`) with the same settings (one ONNX Runtime thread, one FAISS thread), called
+  directly from N Python threads that share one pipeline, for the same number of requests.
+
+A request carries `batch` captions; throughput is queries (captions) per second, i.e. requests/sec x batch
+(perf_analyzer's "Inferences/Second" already counts batch elements); latency is per request, in ms.
+Before measuring, every caption is searched once through both backends (a warm-up) and their top-k ids are
+compared, so the figure compares two paths that answer alike.
+
+    python -m xmr.perf.bench_text_search artifacts/probe10 --out perf/results
+
+writes OUT/text_search.csv, OUT/text_search.png, OUT/environment.json and prints the table and the
+served / in-process throughput ratio at each batch size and concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from xmr.clients.server import TritonServer, server_libs
+from xmr.clients.triton_client import XmrClient
+from xmr.export.iospec import ModelSpec
+from xmr.export.repository import build_repository, read_manifest
+from xmr.export.runtime import GalleryIndex, OnnxRunner
+from xmr.models.data import load_split
+from xmr.models.errors import InputError
+from xmr.models.tokenizer import TextLimits, encode_batch, load_tokenizer
+
+MODEL = "text_search"
+BACKENDS = ("served", "in-process")
+# perf_analyzer links these sonames; the nvidia-pytriton wheel bundles them under hashed file names.
+PERF_ANALYZER_LIBS = {"libb64.so.0d": "libb64-*.so.0d*", "libcudart.so.12": "libcudart-*.so.12*"}
+
+
+@dataclass
+class Settings:
+    batch_sizes: list[int]  # captions per request
+    concurrencies: list[int]  # requests in flight (perf_analyzer) / threads (in-process)
+    requests: int  # requests per (backend, batch, concurrency) point
+    captions: int  # distinct test-split captions, cycled through
+    top_k: int
+    threads: int = 1  # ONNX Runtime intra-op threads in-process, as the served text_encoder's "threads"
+
+
+@dataclass
+class Point:
+    """One measured (backend, batch, concurrency) point: a row of text_search.csv."""
+
+    backend: str
+    batch: int
+    concurrency: int
+    throughput_qps: float  # captions per second
+    p50_ms: float  # per-request latency
+    p90_ms: float
+    p99_ms: float
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def test_captions(manifest: dict, n: int) -> list[str]:
+    """`n` captions spread evenly over the split the artifact's gallery was built from (e.g. shapes/test)."""
+    dataset, split = manifest["gallery"]["split"].split("/")
+    every = load_split(dataset, split).flat_captions()
+    if n < 1 or n > len(every):
+        raise InputError(f"--captions is {n}; expected 1..{len(every)} ({dataset}/{split} captions)")
+    return [every[i] for i in np.linspace(0, len(every) - 1, n).astype(int)]
+
+
+def request_batches(captions: list[str], batch: int) -> list[list[str]]:
+    """len(captions) requests of `batch` captions each, consecutive and wrapping, so every caption is sent."""
+    n = len(captions)
+    return [[captions[(k * batch + j) % n] for j in range(batch)] for k in range(n)]
+
+
+def perf_analyzer_input(captions: list[str], top_k: int) -> dict:
+    """perf_analyzer's --input-data JSON: one step per caption, each a batch-1 row (dims [1])."""
+    return {"data": [{"text": [c], "top_k": [top_k]} for c in captions]}
+
+
+# ----------------------------------------------------------------------------- served: perf_analyzer
+
+
+def perf_analyzer_binary() -> Path:
+    binary = Path(sys.executable).parent / "perf_analyzer"
+    if not binary.is_file():
+        raise InputError(f"perf_analyzer not found at {binary}; it ships in tritonclient==2.51.0 (serve extra)")
+    return binary
+
+
+def link_perf_analyzer_libs(dest: Path) -> Path:
+    """Symlinks named as perf_analyzer expects (libb64.so.0d, ...) to the wheel's hashed-name copies."""
+    libs = server_libs()
+    for soname, pattern in PERF_ANALYZER_LIBS.items():
+        found = sorted(libs.glob(pattern))
+        if not found:
+            raise InputError(f"no {pattern} in {libs}; perf_analyzer needs it as {soname}")
+        (dest / soname).symlink_to(found[0])
+    return dest
+
+
+def perf_analyzer_command(
+    url: str, input_json: Path, batch: int, concurrency: int, requests: int, csv_path: Path
+) -> list[str]:
+    return [
+        str(perf_analyzer_binary()),
+        *("-m", MODEL, "-i", "grpc", "-u", url, "-b", str(batch)),  # short options take no "="
+        f"--input-data={input_json}",
+        f"--concurrency-range={concurrency}",
+        f"--request-count={requests}",  # one fixed-size measurement instead of stabilising windows
+        *("-f", str(csv_path)),
+    ]
+
+
+def parse_perf_csv(text: str, batch: int) -> list[Point]:
+    """perf_analyzer's -f CSV -> one Point per concurrency row (latencies there are in microseconds)."""
+    rows = csv.DictReader(io.StringIO(text.strip()))
+    return [
+        Point(
+            backend="served",
+            batch=batch,
+            concurrency=int(row["Concurrency"]),
+            throughput_qps=float(row["Inferences/Second"]),  # already counts every caption of a batch
+            p50_ms=float(row["p50 latency"]) / 1e3,
+            p90_ms=float(row["p90 latency"]) / 1e3,
+            p99_ms=float(row["p99 latency"]) / 1e3,
+        )
+        for row in rows
+    ]
+
+
+def run_perf_analyzer(
+    url: str, input_json: Path, batch: int, concurrency: int, requests: int, env: dict[str, str]
+) -> Point:
+    with tempfile.TemporaryDirectory(prefix="xmr-pa-") as tmp:
+        csv_path = Path(tmp) / "pa.csv"
+        cmd = perf_analyzer_command(url, input_json, batch, concurrency, requests, csv_path)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0 or not csv_path.is_file():
+            raise RuntimeError(
+                f"perf_analyzer failed (exit {done.returncode}): {' '.join(cmd)}\n"
+                f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
+        (point,) = parse_perf_csv(csv_path.read_text(), batch)
+    return point
+
+
+# ----------------------------------------------------------------------------- in-process pipeline
+
+
+class InProcessPipeline:
+    """What the served ensemble runs, as direct calls: tokenizer -> ONNX Runtime text tower -> FAISS top-k."""
+
+    def __init__(self, artifacts: Path, manifest: dict, threads: int = 1):
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # the served gallery_topk runs with OMP_NUM_THREADS=1
+        pre = manifest["preprocessing"]
+        self.tokenizer = load_tokenizer(artifacts / pre["tokenizer"])
+        self.limits = TextLimits(max_tokens=pre["max_tokens"], max_bytes=pre["max_bytes"])
+        spec = ModelSpec.from_dict(manifest["specs"]["text_encoder"])
+        self.runner = OnnxRunner(artifacts / "text_encoder.onnx", spec, threads=threads)
+        embeddings = np.load(artifacts / "gallery.npy", allow_pickle=False)
+        ids = np.load(artifacts / "gallery_ids.npy", allow_pickle=False)
+        self.index = GalleryIndex(embeddings, ids)
+
+    def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        input_ids, lengths = encode_batch(self.tokenizer, texts, self.limits)  # (B, L), (B,)
+        embedding = self.runner.run({"input_ids": input_ids, "lengths": lengths})["text_embedding"]  # (B, D)
+        return self.index.search(embedding, k)  # ids (B, k), scores (B, k)
+
+
+def percentiles_ms(latencies_s: list[float] | np.ndarray) -> tuple[float, float, float]:
+    """p50, p90, p99 in ms of latencies in seconds."""
+    p50, p90, p99 = np.percentile(np.asarray(latencies_s, dtype=np.float64) * 1e3, [50, 90, 99])
+    return float(p50), float(p90), float(p99)
+
+
+def summarise(
+    backend: str, batch: int, concurrency: int, latencies_s: list[float], wall_s: float
+) -> Point:
+    p50, p90, p99 = percentiles_ms(latencies_s)
+    return Point(backend, batch, concurrency, len(latencies_s) * batch / wall_s, p50, p90, p99)
+
+
+def run_in_process(
+    pipeline: InProcessPipeline, batches: list[list[str]], k: int, concurrency: int, requests: int
+) -> Point:
+    """`requests` searches from `concurrency` threads, each taking the next request as soon as it is free
+    (perf_analyzer's concurrency mode, without the network)."""
+    counter = itertools.count()
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while (i := next(counter)) < requests:
+            start = time.perf_counter()
+            pipeline.search(batches[i % len(batches)], k)
+            elapsed = time.perf_counter() - start
+            with lock:
+                latencies.append(elapsed)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(worker) for _ in range(concurrency)]:
+            future.result()
+    return summarise("in-process", len(batches[0]), concurrency, latencies, time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- warm-up and agreement
+
+
+def warm_up_and_compare(
+    client: XmrClient, pipeline: InProcessPipeline, captions: list[str], settings: Settings
+) -> dict[str, str]:
+    """Search every caption through both backends at every batch size (this warms both up); per batch
+    size, how many captions got identical top-k ids from the two."""
+    agreement = {}
+    for batch in settings.batch_sizes:
+        same = 0
+        for texts in request_batches(captions, batch)[: -(-len(captions) // batch)]:
+            served = client.text_search(texts, settings.top_k).ids
+            local, _ = pipeline.search(texts, settings.top_k)
+            same += int((served == local).all(axis=1).sum())
+        agreement[f"batch {batch}"] = f"{same}/{-(-len(captions) // batch) * batch}"
+    return agreement
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call write(tmp_path), then rename onto `path`: no half-written file on failure."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def points_csv(points: list[Point]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, [f.name for f in fields(Point)], lineterminator="\n")
+    writer.writeheader()
+    for p in points:
+        writer.writerow({**asdict(p), **{k: round(v, 4) for k, v in asdict(p).items() if isinstance(v, float)}})
+    return out.getvalue()
+
+
+def throughput_ratios(points: list[Point]) -> dict[tuple[int, int], float]:
+    """(batch, concurrency) -> served / in-process throughput, where both were measured."""
+    by_key = {(p.backend, p.batch, p.concurrency): p.throughput_qps for p in points}
+    return {
+        (b, c): qps / by_key[("in-process", b, c)]
+        for (backend, b, c), qps in by_key.items()
+        if backend == "served" and ("in-process", b, c) in by_key
+    }
+
+
+def plot(points: list[Point], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_qps, ax_p50) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (backend, batch), group in itertools.groupby(
+        sorted(points, key=lambda p: (p.backend, p.batch, p.concurrency)), key=lambda p: (p.backend, p.batch)
+    ):
+        group = list(group)
+        style = {"marker": "o", "linestyle": "-" if backend == "served" else "--"}
+        label = f"{backend}, batch {batch}"
+        conc = [p.concurrency for p in group]
+        ax_qps.plot(conc, [p.throughput_qps for p in group], label=label, **style)
+        ax_p50.plot(conc, [p.p50_ms for p in group], label=label, **style)
+    concurrencies = sorted({p.concurrency for p in points})
+    for ax, ylabel in ((ax_qps, "throughput (captions/s)"), (ax_p50, "p50 latency per request (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
+        ax.set_xlabel("concurrency (requests in flight / threads)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    ax_qps.legend(fontsize=8)
+    fig.suptitle("text_search: Triton (perf_analyzer, gRPC) vs in-process (same functions, no server)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def tritonserver_version(server: TritonServer) -> str:
+    with urllib.request.urlopen(f"http://{server.http_url}/v2", timeout=5) as r:
+        return json.load(r).get("version", "unknown")
+
+
+def environment(settings: Settings, artifacts: Path, triton_version: str, agreement: dict) -> dict:
+    import faiss
+    import onnxruntime
+
+    return {
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "versions": {
+            "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__,
+            "faiss": faiss.__version__,
+            "tokenizers": version("tokenizers"),
+            "tritonserver": triton_version,
+            "perf_analyzer (tritonclient)": version("tritonclient"),
+            "nvidia-pytriton": version("nvidia-pytriton"),
+        },
+        "settings": {
+            **asdict(settings),
+            "artifacts": str(artifacts),
+            "model": MODEL,
+            "protocol": "grpc",
+            "perf_analyzer mode": "concurrency, synchronous, fixed --request-count per point",
+            "in-process": "threads sharing one pipeline; faiss omp threads 1",
+        },
+        "served_vs_in_process_identical_topk_rows": agreement,
+    }
+
+
+def results_table(points: list[Point]) -> Table:
+    table = Table(title="text_search: served (Triton, perf_analyzer) vs in-process")
+    for name in ("backend", "batch", "concurrency", "captions/s", "p50 ms", "p90 ms", "p99 ms"):
+        table.add_column(name, justify="left" if name == "backend" else "right")
+    for p in sorted(points, key=lambda p: (p.batch, p.concurrency, p.backend != "served")):
+        table.add_row(
+            p.backend,
+            str(p.batch),
+            str(p.concurrency),
+            f"{p.throughput_qps:,.0f}",
+            *(f"{v:.2f}" for v in (p.p50_ms, p.p90_ms, p.p99_ms)),
+        )
+    return table
+
+
+def ratio_table(ratios: dict[tuple[int, int], float]) -> Table:
+    table = Table(title="served / in-process throughput")
+    for name in ("batch", "concurrency", "ratio"):
+        table.add_column(name, justify="right")
+    for (batch, concurrency), ratio in sorted(ratios.items()):
+        table.add_row(str(batch), str(concurrency), f"{ratio:.2f}")
+    return table
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def measure(
+    artifacts: Path, repository: Path, settings: Settings, console: Console
+) -> tuple[list[Point], dict]:
+    manifest = read_manifest(artifacts)
+    captions = test_captions(manifest, settings.captions)
+    pipeline = InProcessPipeline(artifacts, manifest, settings.threads)
+    points: list[Point] = []
+    with tempfile.TemporaryDirectory(prefix="xmr-bench-") as tmp:
+        input_json = Path(tmp) / "input_data.json"
+        input_json.write_text(json.dumps(perf_analyzer_input(captions, settings.top_k)))
+        env = {**os.environ, "LD_LIBRARY_PATH": str(link_perf_analyzer_libs(Path(tmp)))}
+        grid = list(itertools.product(settings.batch_sizes, settings.concurrencies))
+        with TritonServer(repository) as server:  # stopped on exit, whatever happens
+            console.print(f"tritonserver ready: gRPC {server.grpc_url} ({repository})")
+            client = XmrClient(server.grpc_url, "grpc")
+            try:
+                agreement = warm_up_and_compare(client, pipeline, captions, settings)
+            finally:
+                client.close()
+            console.print(f"warm-up done; identical top-{settings.top_k} ids served vs in-process: {agreement}")
+            triton_version = tritonserver_version(server)
+            for batch, concurrency in (bar := tqdm(grid, desc="served (perf_analyzer)", unit="point")):
+                bar.set_postfix(batch=batch, concurrency=concurrency)
+                points.append(
+                    run_perf_analyzer(server.grpc_url, input_json, batch, concurrency, settings.requests, env)
+                )
+    for batch, concurrency in (bar := tqdm(grid, desc="in-process", unit="point")):
+        bar.set_postfix(batch=batch, concurrency=concurrency)
+        batches = request_batches(captions, batch)
+        points.append(run_in_process(pipeline, batches, settings.top_k, concurrency, settings.requests))
+    return points, environment(settings, artifacts, triton_version, agreement)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m xmr.perf.bench_text_search",
+        description="Throughput and latency of text search: served by Triton (perf_analyzer) vs in-process.",
+    )
+    parser.add_argument("artifacts", type=Path, help="exported artifact folder (manifest.json, ...)")
+    parser.add_argument("--out", type=Path, default=Path("perf/results"), help="folder for csv/png/json")
+    parser.add_argument("--repository", type=Path, help="a built cpu repository (default: build a temp one)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="captions per request")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="requests in flight")
+    parser.add_argument("--requests", type=int, default=400, help="requests per measured point")
+    parser.add_argument("--captions", type=int, default=48, help="distinct test-split captions to cycle")
+    parser.add_argument("--top-k", type=int, default=10)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    settings = Settings(args.batch_sizes, args.concurrency, args.requests, args.captions, args.top_k)
+    if min(settings.batch_sizes + settings.concurrencies + [settings.requests]) < 1:
+        console.print("error: batch sizes, concurrencies and --requests must be >= 1")
+        return 2
+    started = time.perf_counter()
+    build_dir = None
+    try:
+        repository = args.repository
+        if repository is None:
+            build_dir = Path(tempfile.mkdtemp(prefix="xmr-bench-repo-"))
+            repository = build_repository(args.artifacts, build_dir / "repository", "cpu")
+        points, env = measure(args.artifacts, repository, settings, console)
+    except InputError as e:
+        console.print(f"error: {e}")
+        return 2
+    except (RuntimeError, subprocess.TimeoutExpired) as e:  # ServerError, perf_analyzer failures
+        console.print(f"error: {e}")
+        return 1
+    finally:
+        if build_dir is not None:
+            shutil.rmtree(build_dir, ignore_errors=True)
+    env["wall_s"] = round(time.perf_counter() - started, 1)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out / "text_search.csv", lambda p: p.write_text(points_csv(points)))
+    write_atomic(args.out / "text_search.png", lambda p: plot(points, p))
+    write_atomic(args.out / "environment.json", lambda p: p.write_text(json.dumps(env, indent=2) + "\n"))
+    console.print(results_table(points))
+    console.print(ratio_table(throughput_ratios(points)))
+    console.print(f"{env['machine']['cpu']}, {env['machine']['cores']} cores; wall {env['wall_s']} s")
+    console.print(f"wrote {args.out}/text_search.csv, text_search.png, environment.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

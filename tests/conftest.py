@@ -1,0 +1,54 @@
+"""Shared fixtures: one tiny trained run, its ONNX export, and (for `server` tests) a real tritonserver.
+
+The tiny run trains RVSE++ for one epoch on 256 Shapes images; it is far from converged, which is fine:
+parity tests compare backends with each other, not with a target accuracy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from xmr.export.onnx_export import export_run
+from xmr.export.repository import build_repository
+from xmr.models.train import TrainConfig, train
+
+HAS_TRITON = importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_TRITON:
+        return
+    skip = pytest.mark.skip(reason="needs the `serve` extra (nvidia-pytriton's tritonserver, tritonclient)")
+    for item in items:
+        if "server" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(TrainConfig(n_train=256, n_eval=64, epochs=1, batch_size=64, warmup_epochs=1, seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    export_run(tiny_run, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tiny_artifacts, tmp_path_factory):
+    return build_repository(tiny_artifacts, tmp_path_factory.mktemp("build") / "repository", "cpu")
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_repository):
+    from xmr.clients.server import TritonServer
+
+    server = TritonServer(tiny_repository).start()
+    yield server
+    server.stop()

@@ -1,0 +1,87 @@
+"""The functions inside the served models, tested without a server."""
+
+import numpy as np
+import pytest
+
+from xmr.export.iospec import text_encoder_spec
+from xmr.export.runtime import GalleryIndex, OnnxRunner, decode_texts, pad_concat, run_batched
+from xmr.models.errors import InputError
+
+
+def unit(rows: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(rows, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_gallery_topk_matches_numpy_brute_force(kind):
+    gallery, queries = unit(500, 32, 0), unit(20, 32, 1)
+    ids = np.arange(1000, 1500, dtype=np.int64)
+    got_ids, got_scores = GalleryIndex(gallery, ids, kind=kind).search(queries, 10)
+    scores = queries @ gallery.T
+    want = np.argsort(-scores, axis=1)[:, :10]
+    if kind == "flat":  # exact
+        assert (got_ids == ids[want]).all()
+        assert np.allclose(got_scores, np.take_along_axis(scores, want, axis=1), atol=1e-5)
+    else:  # approximate: nearly all of the true top-10
+        overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got_ids, ids[want], strict=True)])
+        assert overlap > 0.9
+
+
+def test_gallery_errors_name_the_problem():
+    index = GalleryIndex(unit(8, 4, 0))
+    with pytest.raises(InputError, match="top_k is 0; expected 1 <= top_k <= 8"):
+        index.search(unit(1, 4, 1), 0)
+    with pytest.raises(InputError, match="query_embedding has shape \\(1, 5\\); expected \\(B, 4\\)"):
+        index.search(unit(1, 5, 1), 3)
+    with pytest.raises(InputError, match="NaN"):
+        index.search(np.full((1, 4), np.nan, np.float32), 3)
+    with pytest.raises(InputError, match="unknown gallery index kind"):
+        GalleryIndex(unit(8, 4, 0), kind="ivf-nope")
+
+
+def test_search_requests_cuts_each_request_to_its_own_k_and_isolates_errors():
+    index = GalleryIndex(unit(50, 8, 0))
+    q = unit(3, 8, 1)
+    requests = [(q[:2], np.array([5, 5])), (q[2:], np.array([2])), (q[:1], np.array([0])), (q[:2], np.array([1, 2]))]
+    out = index.search_requests(requests)
+    assert out[0]["ids"].shape == (2, 5) and out[1]["ids"].shape == (1, 2)
+    assert (out[1]["ids"] == index.search(q[2:], 2)[0]).all()
+    assert isinstance(out[2], InputError) and "top_k is 0" in str(out[2])
+    assert isinstance(out[3], InputError) and "differs across the rows" in str(out[3])
+
+
+def test_pad_concat_and_run_batched_isolate_a_bad_request():
+    a, b = np.ones((1, 3), np.int64), np.ones((2, 5), np.int64)
+    merged = pad_concat([a, b])
+    assert merged.shape == (3, 5) and merged[0, 3:].tolist() == [0, 0]
+
+    def fn(feeds):
+        if (feeds["x"] < 0).any():
+            raise InputError("x has negative values")
+        return {"y": feeds["x"].sum(axis=1)}
+
+    out = run_batched([{"x": a}, {"x": -b}, {"x": b}], fn)
+    assert out[0]["y"].tolist() == [3] and out[2]["y"].tolist() == [5, 5]
+    assert isinstance(out[1], InputError)
+
+
+def test_decode_texts():
+    assert decode_texts(np.array([[b"a red circle"], ["\u00e9t\u00e9".encode()]], dtype=object)) == ["a red circle", "été"]
+    with pytest.raises(InputError, match="text 1 is not valid UTF-8"):
+        decode_texts(np.array([[b"ok"], [b"\xff\xfe"]], dtype=object))
+
+
+def test_onnx_runner_checks_dtype_nan_and_file(tiny_artifacts, tmp_path):
+    runner = OnnxRunner(tiny_artifacts / "text_encoder.onnx", text_encoder_spec(256))
+    out = runner.run({"input_ids": np.array([[3, 4, 5]], np.int64), "lengths": np.array([3], np.int64)})
+    assert out["text_embedding"].shape == (1, 256)
+    with pytest.raises(InputError, match="input 'input_ids' has dtype int32; expected int64"):
+        runner.run({"input_ids": np.array([[3]], np.int32), "lengths": np.array([1], np.int64)})
+    with pytest.raises(InputError, match="missing input 'lengths'"):
+        runner.run({"input_ids": np.array([[3]], np.int64)})
+    with pytest.raises(InputError, match="does not exist"):
+        OnnxRunner(tmp_path / "nope.onnx", text_encoder_spec(256))
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(InputError, match="not a loadable ONNX model"):
+        OnnxRunner(tmp_path / "bad.onnx", text_encoder_spec(256))
