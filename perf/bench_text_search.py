@@ -182,9 +182,7 @@ class InProcessPipeline:
     """What the served ensemble runs, as direct calls: tokenizer -> ONNX Runtime text tower -> FAISS top-k."""
 
     def __init__(self, artifacts: Path, manifest: dict, threads: int = 1):
-        import faiss
-
-        faiss.omp_set_num_threads(1)  # the served gallery_topk runs with OMP_NUM_THREADS=1
+        self.one_faiss_thread()
         pre = manifest["preprocessing"]
         self.tokenizer = load_tokenizer(artifacts / pre["tokenizer"])
         self.limits = TextLimits(max_tokens=pre["max_tokens"], max_bytes=pre["max_bytes"])
@@ -193,6 +191,16 @@ class InProcessPipeline:
         embeddings = np.load(artifacts / "gallery.npy", allow_pickle=False)
         ids = np.load(artifacts / "gallery_ids.npy", allow_pickle=False)
         self.index = GalleryIndex(embeddings, ids)
+
+    @staticmethod
+    def one_faiss_thread() -> None:
+        """One OpenMP thread for FAISS in the calling thread, as the served gallery_topk (OMP_NUM_THREADS=1).
+
+        OpenMP's thread count is per calling thread: each worker thread must set it again, otherwise FAISS
+        starts a team of all cores there (on a 2-core box that made one search ~200x slower)."""
+        import faiss
+
+        faiss.omp_set_num_threads(1)
 
     def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         input_ids, lengths = encode_batch(self.tokenizer, texts, self.limits)  # (B, L), (B,)
@@ -223,6 +231,7 @@ def run_in_process(
     lock = threading.Lock()
 
     def worker() -> None:
+        pipeline.one_faiss_thread()
         while (i := next(counter)) < requests:
             start = time.perf_counter()
             pipeline.search(batches[i % len(batches)], k)
