@@ -20,7 +20,7 @@ def image_inputs(images: np.ndarray, cfg: RVSEConfig) -> torch.Tensor:
     """The image tower's input for a batch of a split's images: normalised pixels or region features."""
     if images.dtype == np.uint8:
         return torch.from_numpy(preprocess_images(images, cfg.pixel_mean, cfg.pixel_std))
-    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    return torch.tensor(np.asarray(images), dtype=torch.float32)  # a copy: split arrays may be read-only
 
 
 def batched(fn: Callable[[slice], np.ndarray], n: int, batch_size: int, desc: str) -> np.ndarray:

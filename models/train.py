@@ -49,11 +49,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# (train, validation, test) file names per dataset: the VSE precomputed folders call validation "dev"
+SPLIT_NAMES = {"shapes": ("train", "val", "test"), "precomputed": ("train", "dev", "test")}
+
+
 def load_splits(cfg: TrainConfig) -> dict[str, RetrievalSplit]:
+    """{"train", "val", "test"} splits, each cut to n_train / n_eval items when those are set."""
+    names = SPLIT_NAMES.get(cfg.data, SPLIT_NAMES["shapes"])
     splits = {}
-    for name, n in (("train", cfg.n_train), ("val", cfg.n_eval), ("test", cfg.n_eval)):
+    for role, name, n in zip(("train", "val", "test"), names, (cfg.n_train, cfg.n_eval, cfg.n_eval), strict=True):
         split = load_split(cfg.data, name, root=cfg.data_root)
-        splits[name] = subset(split, n) if n else split
+        splits[role] = subset(split, n) if n else split
     return splits
 
 

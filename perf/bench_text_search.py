@@ -4,11 +4,14 @@ Two backends answer the same real test-split captions with the same top-k, side 
 
 - `served`: the `text_search` ensemble (tokenizer -> text_encoder -> gallery_topk, python-backend models
   hosting ONNX Runtime and FAISS) in the real `tritonserver`, on free loopback ports, loaded by Triton's
-  own `perf_analyzer` over gRPC in concurrency mode. Each point is a fixed number of requests
-  (`--request-count`), so every point takes a known amount of work and no stabilisation loop runs.
+  own `perf_analyzer` over gRPC in concurrency mode (synchronous requests, N in flight). It measures in
+  time windows (`--window-ms`) until three in a row agree within `--stability` percent; the figures are
+  those three windows'. (Its `--request-count` mode is not used: in 2.51 it rounds the measured duration
+  up to whole seconds, which under-reports throughput by up to half on short runs.)
 - `in-process`: the same functions the served models call (`encode_batch`, `OnnxRunner`,
   `GalleryIndex.search`) with the same settings (one ONNX Runtime thread, one FAISS thread), called
-  directly from N Python threads that share one pipeline, for the same number of requests.
+  directly from N Python threads that share one pipeline, for as many requests as perf_analyzer counted
+  at the same point (at least `--min-requests`).
 
 A request carries `batch` captions; throughput is queries (captions) per second, i.e. requests/sec x batch
 (perf_analyzer's "Inferences/Second" already counts batch elements); latency is per request, in ms.
@@ -28,8 +31,10 @@ import csv
 import io
 import itertools
 import json
+import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -37,6 +42,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from importlib.metadata import version
@@ -57,7 +63,6 @@ from xmr.models.errors import InputError
 from xmr.models.tokenizer import TextLimits, encode_batch, load_tokenizer
 
 MODEL = "text_search"
-BACKENDS = ("served", "in-process")
 # perf_analyzer links these sonames; the nvidia-pytriton wheel bundles them under hashed file names.
 PERF_ANALYZER_LIBS = {"libb64.so.0d": "libb64-*.so.0d*", "libcudart.so.12": "libcudart-*.so.12*"}
 
@@ -66,7 +71,10 @@ PERF_ANALYZER_LIBS = {"libb64.so.0d": "libb64-*.so.0d*", "libcudart.so.12": "lib
 class Settings:
     batch_sizes: list[int]  # captions per request
     concurrencies: list[int]  # requests in flight (perf_analyzer) / threads (in-process)
-    requests: int  # requests per (backend, batch, concurrency) point
+    window_ms: int  # perf_analyzer measurement window
+    stability: int  # perf_analyzer: % by which 3 consecutive windows may differ
+    max_trials: int  # perf_analyzer: windows before giving up on a stable measurement
+    min_requests: int  # in-process requests per point, at least (else as many as perf_analyzer counted)
     captions: int  # distinct test-split captions, cycled through
     top_k: int
     threads: int = 1  # ONNX Runtime intra-op threads in-process, as the served text_encoder's "threads"
@@ -83,6 +91,7 @@ class Point:
     p50_ms: float  # per-request latency
     p90_ms: float
     p99_ms: float
+    requests: int  # requests measured
 
 
 # ----------------------------------------------------------------------------- captions
@@ -114,7 +123,7 @@ def perf_analyzer_input(captions: list[str], top_k: int) -> dict:
 def perf_analyzer_binary() -> Path:
     binary = Path(sys.executable).parent / "perf_analyzer"
     if not binary.is_file():
-        raise InputError(f"perf_analyzer not found at {binary}; it ships in tritonclient==2.51.0 (serve extra)")
+        raise InputError(f"no perf_analyzer at {binary}; it ships in tritonclient==2.51.0 (serve extra)")
     return binary
 
 
@@ -130,21 +139,27 @@ def link_perf_analyzer_libs(dest: Path) -> Path:
 
 
 def perf_analyzer_command(
-    url: str, input_json: Path, batch: int, concurrency: int, requests: int, csv_path: Path
+    url: str, input_json: Path, batch: int, concurrency: int, settings: Settings, csv_path: Path
 ) -> list[str]:
     return [
         str(perf_analyzer_binary()),
         *("-m", MODEL, "-i", "grpc", "-u", url, "-b", str(batch)),  # short options take no "="
         f"--input-data={input_json}",
         f"--concurrency-range={concurrency}",
-        f"--request-count={requests}",  # one fixed-size measurement instead of stabilising windows
+        "--measurement-mode=time_windows",
+        f"--measurement-interval={settings.window_ms}",
+        f"--stability-percentage={settings.stability}",
+        f"--max-trials={settings.max_trials}",
         *("-f", str(csv_path)),
     ]
 
 
-def parse_perf_csv(text: str, batch: int) -> list[Point]:
+class PerfAnalyzerError(RuntimeError):
+    """perf_analyzer exited with an error (e.g. no stable measurement); the message has its output."""
+
+
+def parse_perf_csv(text: str, batch: int, requests: int = 0) -> list[Point]:
     """perf_analyzer's -f CSV -> one Point per concurrency row (latencies there are in microseconds)."""
-    rows = csv.DictReader(io.StringIO(text.strip()))
     return [
         Point(
             backend="served",
@@ -154,24 +169,31 @@ def parse_perf_csv(text: str, batch: int) -> list[Point]:
             p50_ms=float(row["p50 latency"]) / 1e3,
             p90_ms=float(row["p90 latency"]) / 1e3,
             p99_ms=float(row["p99 latency"]) / 1e3,
+            requests=requests,
         )
-        for row in rows
+        for row in csv.DictReader(io.StringIO(text.strip()))
     ]
 
 
+def parse_request_count(stdout: str) -> int:
+    """The client's request count of the reported (last) measurement in perf_analyzer's console output."""
+    counts = re.findall(r"^\s*Request count: (\d+)", stdout, flags=re.MULTILINE)
+    return int(counts[-1]) if counts else 0
+
+
 def run_perf_analyzer(
-    url: str, input_json: Path, batch: int, concurrency: int, requests: int, env: dict[str, str]
+    url: str, input_json: Path, batch: int, concurrency: int, settings: Settings, env: dict[str, str]
 ) -> Point:
     with tempfile.TemporaryDirectory(prefix="xmr-pa-") as tmp:
         csv_path = Path(tmp) / "pa.csv"
-        cmd = perf_analyzer_command(url, input_json, batch, concurrency, requests, csv_path)
+        cmd = perf_analyzer_command(url, input_json, batch, concurrency, settings, csv_path)
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if done.returncode != 0 or not csv_path.is_file():
-            raise RuntimeError(
-                f"perf_analyzer failed (exit {done.returncode}): {' '.join(cmd)}\n"
-                f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            raise PerfAnalyzerError(
+                f"perf_analyzer exit {done.returncode} at batch {batch}, concurrency {concurrency}: "
+                f"{' '.join(cmd)}\n{done.stdout[-1500:]}{done.stderr[-1500:]}"
             )
-        (point,) = parse_perf_csv(csv_path.read_text(), batch)
+        (point,) = parse_perf_csv(csv_path.read_text(), batch, parse_request_count(done.stdout))
     return point
 
 
@@ -214,11 +236,10 @@ def percentiles_ms(latencies_s: list[float] | np.ndarray) -> tuple[float, float,
     return float(p50), float(p90), float(p99)
 
 
-def summarise(
-    backend: str, batch: int, concurrency: int, latencies_s: list[float], wall_s: float
-) -> Point:
+def summarise(backend: str, batch: int, concurrency: int, latencies_s: list[float], wall_s: float) -> Point:
     p50, p90, p99 = percentiles_ms(latencies_s)
-    return Point(backend, batch, concurrency, len(latencies_s) * batch / wall_s, p50, p90, p99)
+    n = len(latencies_s)
+    return Point(backend, batch, concurrency, n * batch / wall_s, p50, p90, p99, requests=n)
 
 
 def run_in_process(
@@ -256,19 +277,20 @@ def warm_up_and_compare(
     size, how many captions got identical top-k ids from the two."""
     agreement = {}
     for batch in settings.batch_sizes:
+        requests = request_batches(captions, batch)[: math.ceil(len(captions) / batch)]
         same = 0
-        for texts in request_batches(captions, batch)[: -(-len(captions) // batch)]:
-            served = client.text_search(texts, settings.top_k).ids
+        for texts in requests:
+            served = client.text_search(texts, settings.top_k).ids  # (B, k)
             local, _ = pipeline.search(texts, settings.top_k)
             same += int((served == local).all(axis=1).sum())
-        agreement[f"batch {batch}"] = f"{same}/{-(-len(captions) // batch) * batch}"
+        agreement[f"batch {batch}"] = f"{same}/{len(requests) * batch}"
     return agreement
 
 
 # ----------------------------------------------------------------------------- reports
 
 
-def write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp_path), then rename onto `path`: no half-written file on failure."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -283,7 +305,7 @@ def points_csv(points: list[Point]) -> str:
     writer = csv.DictWriter(out, [f.name for f in fields(Point)], lineterminator="\n")
     writer.writeheader()
     for p in points:
-        writer.writerow({**asdict(p), **{k: round(v, 4) for k, v in asdict(p).items() if isinstance(v, float)}})
+        writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(p).items()})
     return out.getvalue()
 
 
@@ -304,11 +326,17 @@ def plot(points: list[Point], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_qps, ax_p50) = plt.subplots(1, 2, figsize=(11, 4.2))
+    batch_sizes = sorted({p.batch for p in points})
     for (backend, batch), group in itertools.groupby(
-        sorted(points, key=lambda p: (p.backend, p.batch, p.concurrency)), key=lambda p: (p.backend, p.batch)
+        sorted(points, key=lambda p: (p.backend != "served", p.batch, p.concurrency)),
+        key=lambda p: (p.backend, p.batch),
     ):
         group = list(group)
-        style = {"marker": "o", "linestyle": "-" if backend == "served" else "--"}
+        style = {  # colour: batch size; solid: served, dashed: in-process
+            "marker": "o",
+            "color": f"C{batch_sizes.index(batch)}",
+            "linestyle": "-" if backend == "served" else "--",
+        }
         label = f"{backend}, batch {batch}"
         conc = [p.concurrency for p in group]
         ax_qps.plot(conc, [p.throughput_qps for p in group], label=label, **style)
@@ -362,7 +390,7 @@ def environment(settings: Settings, artifacts: Path, triton_version: str, agreem
             "artifacts": str(artifacts),
             "model": MODEL,
             "protocol": "grpc",
-            "perf_analyzer mode": "concurrency, synchronous, fixed --request-count per point",
+            "perf_analyzer mode": "concurrency, synchronous, time windows until 3 agree",
             "in-process": "threads sharing one pipeline; faiss omp threads 1",
         },
         "served_vs_in_process_identical_topk_rows": agreement,
@@ -396,37 +424,61 @@ def ratio_table(ratios: dict[tuple[int, int], float]) -> Table:
 # ----------------------------------------------------------------------------- main
 
 
+def measure_served(
+    server: TritonServer, input_json: Path, settings: Settings, env: dict[str, str]
+) -> tuple[list[Point], list[str]]:
+    """perf_analyzer at every (batch, concurrency); a point without a stable measurement is skipped."""
+    points, failures = [], []
+    grid = list(itertools.product(settings.batch_sizes, settings.concurrencies))
+    for batch, concurrency in (bar := tqdm(grid, desc="served (perf_analyzer)", unit="point")):
+        bar.set_postfix(batch=batch, concurrency=concurrency)
+        try:
+            points.append(run_perf_analyzer(server.grpc_url, input_json, batch, concurrency, settings, env))
+        except PerfAnalyzerError as e:
+            failures.append(str(e))
+            tqdm.write(f"skipped: {e}")
+    return points, failures
+
+
+def measure_in_process(
+    pipeline: InProcessPipeline, captions: list[str], settings: Settings, served: list[Point]
+) -> list[Point]:
+    """Every (batch, concurrency), for as many requests as perf_analyzer measured there."""
+    served_requests = {(p.batch, p.concurrency): p.requests for p in served}
+    points = []
+    grid = list(itertools.product(settings.batch_sizes, settings.concurrencies))
+    for batch, concurrency in (bar := tqdm(grid, desc="in-process", unit="point")):
+        bar.set_postfix(batch=batch, concurrency=concurrency)
+        requests = max(settings.min_requests, served_requests.get((batch, concurrency), 0))
+        batches = request_batches(captions, batch)
+        points.append(run_in_process(pipeline, batches, settings.top_k, concurrency, requests))
+    return points
+
+
 def measure(
     artifacts: Path, repository: Path, settings: Settings, console: Console
 ) -> tuple[list[Point], dict]:
     manifest = read_manifest(artifacts)
     captions = test_captions(manifest, settings.captions)
     pipeline = InProcessPipeline(artifacts, manifest, settings.threads)
-    points: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="xmr-bench-") as tmp:
         input_json = Path(tmp) / "input_data.json"
         input_json.write_text(json.dumps(perf_analyzer_input(captions, settings.top_k)))
         env = {**os.environ, "LD_LIBRARY_PATH": str(link_perf_analyzer_libs(Path(tmp)))}
-        grid = list(itertools.product(settings.batch_sizes, settings.concurrencies))
         with TritonServer(repository) as server:  # stopped on exit, whatever happens
-            console.print(f"tritonserver ready: gRPC {server.grpc_url} ({repository})")
+            triton_version = tritonserver_version(server)
+            console.print(f"tritonserver {triton_version} ready on gRPC {server.grpc_url}")
             client = XmrClient(server.grpc_url, "grpc")
             try:
                 agreement = warm_up_and_compare(client, pipeline, captions, settings)
             finally:
                 client.close()
-            console.print(f"warm-up done; identical top-{settings.top_k} ids served vs in-process: {agreement}")
-            triton_version = tritonserver_version(server)
-            for batch, concurrency in (bar := tqdm(grid, desc="served (perf_analyzer)", unit="point")):
-                bar.set_postfix(batch=batch, concurrency=concurrency)
-                points.append(
-                    run_perf_analyzer(server.grpc_url, input_json, batch, concurrency, settings.requests, env)
-                )
-    for batch, concurrency in (bar := tqdm(grid, desc="in-process", unit="point")):
-        bar.set_postfix(batch=batch, concurrency=concurrency)
-        batches = request_batches(captions, batch)
-        points.append(run_in_process(pipeline, batches, settings.top_k, concurrency, settings.requests))
-    return points, environment(settings, artifacts, triton_version, agreement)
+            console.print(f"warm-up: identical top-{settings.top_k} ids, served vs in-process: {agreement}")
+            served, failures = measure_served(server, input_json, settings, env)
+    points = served + measure_in_process(pipeline, captions, settings, served)
+    report = environment(settings, artifacts, triton_version, agreement)
+    report["perf_analyzer_failures"] = failures
+    return points, report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -439,7 +491,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repository", type=Path, help="a built cpu repository (default: build a temp one)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="captions per request")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="requests in flight")
-    parser.add_argument("--requests", type=int, default=400, help="requests per measured point")
+    parser.add_argument("--window-ms", type=int, default=1000, help="perf_analyzer measurement window")
+    parser.add_argument("--stability", type=int, default=25, help="%% 3 windows may differ (perf_analyzer)")
+    parser.add_argument("--max-trials", type=int, default=10, help="windows before perf_analyzer gives up")
+    parser.add_argument("--min-requests", type=int, default=200, help="in-process requests per point, min")
     parser.add_argument("--captions", type=int, default=48, help="distinct test-split captions to cycle")
     parser.add_argument("--top-k", type=int, default=10)
     return parser.parse_args(argv)
@@ -448,9 +503,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 120)
-    settings = Settings(args.batch_sizes, args.concurrency, args.requests, args.captions, args.top_k)
-    if min(settings.batch_sizes + settings.concurrencies + [settings.requests]) < 1:
-        console.print("error: batch sizes, concurrencies and --requests must be >= 1")
+    settings = Settings(
+        args.batch_sizes,
+        args.concurrency,
+        args.window_ms,
+        args.stability,
+        args.max_trials,
+        args.min_requests,
+        args.captions,
+        args.top_k,
+    )
+    if min([*settings.batch_sizes, *settings.concurrencies, settings.window_ms, settings.max_trials]) < 1:
+        console.print("error: batch sizes, concurrencies, --window-ms and --max-trials must be >= 1")
         return 2
     started = time.perf_counter()
     build_dir = None
@@ -463,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         console.print(f"error: {e}")
         return 2
-    except (RuntimeError, subprocess.TimeoutExpired) as e:  # ServerError, perf_analyzer failures
+    except (RuntimeError, subprocess.TimeoutExpired) as e:  # ServerError, perf_analyzer hanging
         console.print(f"error: {e}")
         return 1
     finally:
