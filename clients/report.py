@@ -35,9 +35,10 @@ def recall_plot(rows: dict[str, dict[str, float]], path: Path, title: str = "Rec
         [j + width * (len(rows) - 1) / 2 for j in range(len(cols))], [c.replace("_", " ") for c in cols]
     )
     ax.set_ylabel("recall (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 118)  # headroom for the legend above the bars
+    ax.set_yticks(range(0, 101, 20))
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper center", ncol=len(rows), fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -97,7 +97,7 @@ class Point:
 # ----------------------------------------------------------------------------- captions
 
 
-def test_captions(manifest: dict, n: int) -> list[str]:
+def sample_captions(manifest: dict, n: int) -> list[str]:
     """`n` captions spread evenly over the split the artifact's gallery was built from (e.g. shapes/test)."""
     dataset, split = manifest["gallery"]["split"].split("/")
     every = load_split(dataset, split).flat_captions()
@@ -459,7 +459,7 @@ def measure(
     artifacts: Path, repository: Path, settings: Settings, console: Console
 ) -> tuple[list[Point], dict]:
     manifest = read_manifest(artifacts)
-    captions = test_captions(manifest, settings.captions)
+    captions = sample_captions(manifest, settings.captions)
     pipeline = InProcessPipeline(artifacts, manifest, settings.threads)
     with tempfile.TemporaryDirectory(prefix="xmr-bench-") as tmp:
         input_json = Path(tmp) / "input_data.json"

@@ -99,3 +99,35 @@ def test_cli_check_search_and_errors(triton, tiny_artifacts):
     assert found.returncode == 0 and found.stdout.count("gallery id") == 3
     empty = subprocess.run([XMR, "search", "", "--url", triton.grpc_url], capture_output=True, text=True)
     assert empty.returncode == 1 and "text 0 is empty" in empty.stderr and "Traceback" not in empty.stderr
+
+
+def test_served_tokenizer_gives_the_training_ids(triton, tiny_run, reference):
+    from xmr.models.tokenizer import TextLimits, encode_batch, load_tokenizer
+
+    texts = reference["texts"][:8] + ["A RED Circle, above   a blue square!"]
+    text = np.array([t.encode() for t in texts], dtype=object).reshape(-1, 1)
+    served = XmrClient(triton.grpc_url).raw_infer("tokenizer", {"text": (text, "BYTES")}, ["input_ids", "lengths"])
+    ids, lengths = encode_batch(load_tokenizer(tiny_run / "tokenizer.json"), texts, TextLimits())
+    assert np.array_equal(served["input_ids"], ids) and np.array_equal(served["lengths"].reshape(-1), lengths)
+
+
+def test_xmr_serve_binds_loopback_and_stops_on_sigterm(tiny_repository):
+    import signal
+    import time
+
+    from xmr.clients.server import free_port
+
+    grpc_port, http_port = free_port(), free_port()
+    proc = subprocess.Popen([XMR, "serve", str(tiny_repository), "--grpc-port", str(grpc_port), "--http-port",
+                             str(http_port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"gRPC 127.0.0.1:{grpc_port}" in line and f"HTTP 127.0.0.1:{http_port}" in line, line
+        assert XmrClient(f"127.0.0.1:{grpc_port}").is_ready()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        time.sleep(0.5)
+        assert not XmrClient(f"127.0.0.1:{http_port}", "http").is_ready()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
