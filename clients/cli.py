@@ -43,7 +43,10 @@ def train(
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(128, min=2),
     lr: float = typer.Option(2e-3),
-    loss: str = typer.Option("triplet_hn", help="training objective (see xmr.models.losses.LOSSES)"),
+    loss: str = typer.Option("triplet_hn", help="training objective: a key of xmr.models.losses.LOSSES"),
+    relevance: str = typer.Option(
+        "lexical", help="continuous labels for kendall/bcls/listwise: lexical|minilm"
+    ),
     seed: int = typer.Option(0),
     n_train: int | None = typer.Option(None, help="use only the first N training images"),
     n_eval: int | None = typer.Option(None, help="use only the first N val/test images"),
@@ -62,6 +65,7 @@ def train(
         batch_size=batch_size,
         lr=lr,
         loss=loss,
+        relevance=relevance,
         seed=seed,
         n_train=n_train,
         n_eval=n_eval,

@@ -1,11 +1,29 @@
-"""Retrieval losses over a similarity matrix.
+"""Retrieval losses over a similarity matrix: the four image-text objectives of the seeds and their baselines.
 
-One signature for all: `loss(sim, pos_mask=None)`, `sim` (Q, C) cosine similarities, higher = closer,
-`pos_mask` the positives (default: the diagonal of a paired batch). Both directions (rows as anchors, then
-columns as anchors) are computed from the same `sim` and summed; `reduction` is "mean" over anchors,
-"sum", or "none" (per-anchor, rows then columns). Mining lives in `mining.py`.
+One signature: `loss(sim, pos_mask=None)`, or `loss(sim, relevance, pos_mask=None)` for the losses that
+learn from continuous labels (`needs_relevance = True`: kendall, bcls, listwise). `sim` is (Q, C), higher =
+closer; `pos_mask` marks positives (default: the diagonal of a paired batch); `relevance` (Q, C) holds
+continuous labels in [0, 1] (models/relevance.py). Both directions (rows as anchors, then columns as
+anchors, on `sim.T`) are computed from the same `sim` and **summed**; `reduction="mean"` averages over the
+anchors of each direction, "sum" sums, "none" returns the per-anchor values (rows, then columns). Mining
+(hardest / selective / soft negatives, sliding-window pairs) lives in `mining.py`; every loss constructs
+with no arguments (the papers' defaults, or ours where the abstracts give none: marked "reconstructed").
 
-Registry `LOSSES` is a literal dict; more objectives arrive with the image-text objectives issue.
+Papers (abstracts only; see ../shared/SEEDS.md):
+- VSE++ Triplet-HN: `[m - s(p) + s(hardest n)]_+`, m = 0.2 (VSE++ paper's default).
+- SelHN (RVSE++): per anchor, all negatives when the gradient-vanishing condition holds, else the hardest.
+  The abstract says gradients vanish "when the difference between the positive pair similarity and the
+  negative pair similarity is close to 0"; reconstructed as `|s(p) - s(hardest n)| < threshold`,
+  threshold = 0.1 (strict: the hardest negative is used at exactly the threshold).
+- BCLS: Triplet-SN (negatives weighted by softmax(s_n / tau), tau = 0.1, reconstructed), Kendall ranking
+  loss `-mean_{pairs} tanh((c_j - c_k) / tau_c) tanh((s_j - s_k) / tau_s)` (tau_c = tau_s = 0.05,
+  reconstructed), SW-HS (window 8, misordered pairs only); BCLS = Triplet-SN + lambda Kendall, lambda = 1.
+- Unified loss: `tau log(1 + sum_n exp((s_n - s_p + m) / tau))` per positive; tau -> 0 gives Triplet-HN with
+  margin m, m = 0 gives tau x InfoNCE (the VLC loss). Defaults tau = 0.05, m = 0.2 (reconstructed).
+- InfoNCE / VLC: `-log softmax` of the positive among the positive and the negatives, tau = 0.05.
+- Listwise (RSC + Smooth-NDCG): smooth rank `r_i = 1 + sum_{j != i} sigmoid((s_j - s_i) / tau)`,
+  `DCG = sum_i (2^rel_i - 1) / log2(1 + r_i)`, loss `1 - DCG / IDCG` (tau = 0.01), added to Triplet-HN.
+  RSC: positives score 1, other candidates their continuous label, optionally quantised to `levels` grades.
 """
 
 from __future__ import annotations
@@ -13,7 +31,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xmr.models.mining import all_negatives, default_pos_mask, hardest_negatives
+from xmr.models.mining import (
+    all_negatives,
+    default_pos_mask,
+    hardest_negatives,
+    misordered_pairs,
+    positive_index,
+    selective_negatives,
+    sliding_window_pairs,
+    soft_negative_weights,
+)
 
 
 def reduce(per_anchor: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -33,46 +60,245 @@ def both_directions(rows: torch.Tensor, cols: torch.Tensor, reduction: str) -> t
     return reduce(rows, reduction) + reduce(cols, reduction)
 
 
+def check_relevance(sim: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    if relevance is None or relevance.shape != sim.shape:
+        got = None if relevance is None else tuple(relevance.shape)
+        raise ValueError(f"relevance is {got}; expected continuous labels shaped like sim {tuple(sim.shape)}")
+    return relevance.to(sim.dtype)
+
+
 def positive_scores(sim: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor:
-    """(Q, 1) score of each row's positive (the first one when a row has several)."""
-    if not bool(pos_mask.any(dim=1).all()):
-        raise ValueError("every anchor needs at least one positive in pos_mask")
-    first = pos_mask.float().argmax(dim=1, keepdim=True)
-    return sim.gather(1, first)
+    """(Q, 1) score of each row's positive."""
+    return sim.gather(1, positive_index(pos_mask))
 
 
 def hinge_rows(
-    sim: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor, margin: float
+    sim: torch.Tensor, pos_mask: torch.Tensor, neg_weights: torch.Tensor, margin: float
 ) -> torch.Tensor:
-    """Per row: sum over selected negatives n of [margin - s(p) + s(n)]_+ -> (Q,)."""
+    """Per row: sum over negatives n of w_n [margin - s(p) + s(n)]_+ -> (Q,)."""
     hinge = (margin - positive_scores(sim, pos_mask) + sim).clamp_min(0.0)
-    return (hinge * neg_mask).sum(dim=1)
+    return (hinge * neg_weights).sum(dim=1)
 
 
-class TripletHN(nn.Module):
-    """VSE++ triplet loss with the hardest negative in the batch (max violation), margin m = 0.2.
+class PairLoss(nn.Module):
+    """A loss computed per anchor row by `rows(sim, pos_mask)`, then on the transpose, then summed."""
 
-    `hardest=False` gives the sum over all negatives (Triplet-SH, VSE), the usual warm-up.
-    """
+    needs_relevance = False
 
-    def __init__(self, margin: float = 0.2, hardest: bool = True, reduction: str = "mean"):
+    def __init__(self, reduction: str = "mean"):
         super().__init__()
-        self.margin, self.hardest, self.reduction = margin, hardest, reduction
+        self.reduction = reduction
+
+    def rows(self, sim: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, sim: torch.Tensor, pos_mask: torch.Tensor | None = None) -> torch.Tensor:
         pos = default_pos_mask(sim, pos_mask)
+        return both_directions(self.rows(sim, pos), self.rows(sim.T, pos.T), self.reduction)
+
+
+class TripletHN(PairLoss):
+    """VSE++ triplet loss with the hardest negative (max violation); `hardest=False`: sum over all (SH)."""
+
+    def __init__(self, margin: float = 0.2, hardest: bool = True, reduction: str = "mean"):
+        super().__init__(reduction)
+        self.margin, self.hardest = margin, hardest
+
+    def rows(self, sim, pos):
         mine = hardest_negatives if self.hardest else all_negatives
-        rows = hinge_rows(sim, pos, mine(sim, pos), self.margin)
-        cols = hinge_rows(sim.T, pos.T, mine(sim.T, pos.T), self.margin)
+        return hinge_rows(sim, pos, mine(sim, pos).to(sim.dtype), self.margin)
+
+
+class SelHN(PairLoss):
+    """Selectively hard negatives: Triplet-SH for anchors in the vanishing condition, Triplet-HN otherwise."""
+
+    def __init__(self, margin: float = 0.2, threshold: float = 0.1, reduction: str = "mean"):
+        super().__init__(reduction)
+        self.margin, self.threshold = margin, threshold
+
+    def rows(self, sim, pos):
+        return hinge_rows(sim, pos, selective_negatives(sim, pos, self.threshold).to(sim.dtype), self.margin)
+
+
+class TripletSN(PairLoss):
+    """Triplet loss with soft negative mining: hinges weighted by softmax(s_n / tau) over the negatives."""
+
+    def __init__(self, margin: float = 0.2, tau: float = 0.1, reduction: str = "mean"):
+        super().__init__(reduction)
+        self.margin, self.tau = margin, tau
+
+    def rows(self, sim, pos):
+        return hinge_rows(sim, pos, soft_negative_weights(sim, pos, self.tau), self.margin)
+
+
+class UnifiedLoss(PairLoss):
+    """Unified pair-similarity loss: tau * log(1 + sum_n exp((s_n - s_p + m) / tau))."""
+
+    def __init__(self, tau: float = 0.05, margin: float = 0.2, reduction: str = "mean"):
+        super().__init__(reduction)
+        self.tau, self.margin = tau, margin
+
+    def rows(self, sim, pos):
+        logits = ((sim - positive_scores(sim, pos) + self.margin) / self.tau).masked_fill(pos, float("-inf"))
+        zero = torch.zeros_like(logits[:, :1])  # the "1 +" inside the log
+        return self.tau * torch.logsumexp(torch.cat([zero, logits], dim=1), dim=1)
+
+
+class InfoNCE(PairLoss):
+    """Vision-language contrastive loss (VLC): -log softmax of the positive among positive + negatives."""
+
+    def __init__(self, tau: float = 0.05, reduction: str = "mean"):
+        super().__init__(reduction)
+        self.tau = tau
+
+    def rows(self, sim, pos):
+        p = positive_scores(sim, pos)
+        logits = (sim / self.tau).masked_fill(pos, float("-inf"))  # negatives only
+        return torch.logsumexp(torch.cat([p / self.tau, logits], dim=1), dim=1) - p.squeeze(1) / self.tau
+
+
+class KendallRankLoss(nn.Module):
+    """Kendall ranking loss between similarities and continuous labels; SW-HS when `window` is set.
+
+    Per anchor row: `-mean over pairs (j, k) of tanh((c_j - c_k) / tau_label) * tanh((s_j - s_k) / tau_sim)`,
+    a differentiable stand-in for Kendall's tau (-1 when the orders agree perfectly, +1 when reversed).
+    Without a window every pair j < k counts (O(C^2) per anchor); with one, only sliding-window pairs whose
+    similarities are misordered (O(C * window)).
+    """
+
+    needs_relevance = True
+
+    def __init__(
+        self,
+        tau_label: float = 0.05,
+        tau_sim: float = 0.05,
+        window: int | None = None,
+        reduction: str = "mean",
+    ):
+        super().__init__()
+        self.tau_label, self.tau_sim, self.window, self.reduction = tau_label, tau_sim, window, reduction
+
+    def rows(self, sim: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+        if self.window is None:
+            dc = (relevance.unsqueeze(2) - relevance.unsqueeze(1)) / self.tau_label  # (Q, C, C)
+            ds = (sim.unsqueeze(2) - sim.unsqueeze(1)) / self.tau_sim
+            c = sim.shape[1]
+            upper = torch.triu(torch.ones(c, c, dtype=torch.bool, device=sim.device), diagonal=1)
+            return -(torch.tanh(dc) * torch.tanh(ds))[:, upper].mean(dim=1)
+        hi, lo = sliding_window_pairs(relevance, self.window)
+        keep = misordered_pairs(sim, hi, lo).to(sim.dtype)
+        dc = (relevance.gather(1, hi) - relevance.gather(1, lo)) / self.tau_label
+        ds = (sim.gather(1, hi) - sim.gather(1, lo)) / self.tau_sim
+        return -(torch.tanh(dc) * torch.tanh(ds) * keep).sum(dim=1) / keep.sum(dim=1)
+
+    def forward(self, sim: torch.Tensor, relevance: torch.Tensor, pos_mask: torch.Tensor | None = None):
+        relevance = check_relevance(sim, relevance)
+        return both_directions(self.rows(sim, relevance), self.rows(sim.T, relevance.T), self.reduction)
+
+
+class BCLS(nn.Module):
+    """Binary and continuous label supervision: Triplet-SN on pairs + lambda * Kendall (SW-HS) on labels."""
+
+    needs_relevance = True
+
+    def __init__(
+        self,
+        margin: float = 0.2,
+        tau: float = 0.1,
+        lam: float = 1.0,
+        window: int | None = 8,
+        reduction: str = "mean",
+    ):
+        super().__init__()
+        self.binary = TripletSN(margin, tau, reduction)
+        self.continuous = KendallRankLoss(window=window, reduction=reduction)
+        self.lam = lam
+
+    def forward(self, sim, relevance, pos_mask=None):
+        return self.binary(sim, pos_mask) + self.lam * self.continuous(sim, relevance)
+
+
+def rsc_relevance(relevance: torch.Tensor, pos_mask: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+    """RSC: the relevance score of every candidate: 1 for positives, the continuous label for the others,
+    quantised to `levels` grades (0, 1/levels, ..., 1) when given."""
+    rel = relevance.clamp(0.0, 1.0)
+    if levels:
+        rel = torch.round(rel * levels) / levels
+    return torch.where(pos_mask, torch.ones_like(rel), rel)
+
+
+def smooth_ndcg_rows(sim: torch.Tensor, relevance: torch.Tensor, tau: float, k: int | None) -> torch.Tensor:
+    """(Q,) Smooth-NDCG of each row: ranks replaced by sigmoid-smoothed ranks (-> exact NDCG as tau -> 0)."""
+    c = sim.shape[1]
+    diff = (sim.unsqueeze(1) - sim.unsqueeze(2)) / tau  # [q, i, j] = (s_j - s_i) / tau
+    off_diag = ~torch.eye(c, dtype=torch.bool, device=sim.device)
+    ranks = 1.0 + (torch.sigmoid(diff) * off_diag).sum(dim=2)  # (Q, C)
+    gains = torch.pow(2.0, relevance) - 1.0
+    dcg_terms = gains / torch.log2(1.0 + ranks)
+    ideal = torch.sort(gains, dim=1, descending=True).values / torch.log2(
+        torch.arange(2, c + 2, dtype=sim.dtype, device=sim.device)
+    )
+    if k is not None:
+        dcg_terms = dcg_terms * torch.sigmoid((k + 0.5 - ranks) / tau)  # smooth "rank <= k"
+        ideal = ideal[:, :k]
+    idcg = ideal.sum(dim=1)
+    return torch.where(idcg > 0, dcg_terms.sum(dim=1) / idcg.clamp_min(1e-12), torch.ones_like(idcg))
+
+
+class SmoothNDCGLoss(nn.Module):
+    """1 - Smooth-NDCG over each anchor's candidate list, graded by `relevance`."""
+
+    needs_relevance = True
+
+    def __init__(self, tau: float = 0.01, k: int | None = None, reduction: str = "mean"):
+        super().__init__()
+        self.tau, self.k, self.reduction = tau, k, reduction
+
+    def forward(self, sim, relevance, pos_mask=None):
+        relevance = check_relevance(sim, relevance)
+        rows = 1.0 - smooth_ndcg_rows(sim, relevance, self.tau, self.k)
+        cols = 1.0 - smooth_ndcg_rows(sim.T, relevance.T, self.tau, self.k)
         return both_directions(rows, cols, self.reduction)
+
+
+class ListwiseLoss(nn.Module):
+    """Listwise ranking integrated into pairwise ITR: Triplet-HN + lam * (1 - S-NDCG) on RSC relevance."""
+
+    needs_relevance = True
+
+    def __init__(
+        self,
+        margin: float = 0.2,
+        tau: float = 0.01,
+        k: int | None = None,
+        lam: float = 1.0,
+        levels: int | None = None,
+        reduction: str = "mean",
+    ):
+        super().__init__()
+        self.pairwise = TripletHN(margin, reduction=reduction)
+        self.listwise = SmoothNDCGLoss(tau, k, reduction)
+        self.lam, self.levels = lam, levels
+
+    def forward(self, sim, relevance, pos_mask=None):
+        pos = default_pos_mask(sim, pos_mask)
+        graded = rsc_relevance(check_relevance(sim, relevance), pos, self.levels)
+        return self.pairwise(sim, pos) + self.lam * self.listwise(sim, graded)
 
 
 LOSSES: dict[str, type[nn.Module]] = {
     "triplet_hn": TripletHN,
+    "selhn": SelHN,
+    "triplet_sn": TripletSN,
+    "kendall": KendallRankLoss,
+    "bcls": BCLS,
+    "unified": UnifiedLoss,
+    "infonce": InfoNCE,
+    "listwise": ListwiseLoss,
 }
 
 
 def make_loss(name: str, **kwargs) -> nn.Module:
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}")
+        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
     return LOSSES[name](**kwargs)

@@ -22,6 +22,7 @@ from xmr.models.data.base import RetrievalSplit
 from xmr.models.errors import InputError
 from xmr.models.evaluate import evaluate, image_inputs
 from xmr.models.losses import LOSSES, make_loss
+from xmr.models.relevance import CaptionRelevance
 from xmr.models.rvse import RVSE, RVSEConfig
 from xmr.models.tokenizer import TextLimits, encode_batch, train_tokenizer
 
@@ -36,8 +37,12 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-3  # AdamW, cosine decay to 0 after one warm-up epoch of linear ramp
     weight_decay: float = 1e-4
-    loss: str = "triplet_hn"
-    warmup_epochs: int = 1  # epochs of the all-negatives hinge first: hardest negatives from scratch collapse
+    loss: str = "triplet_hn"  # a key of models.losses.LOSSES
+    warmup_epochs: int = (
+        1  # triplet_hn only: all-negatives hinge first, hardest negatives from scratch collapse
+    )
+    relevance: str = "lexical"  # continuous labels for kendall / bcls / listwise: lexical | minilm
+    relevance_cache: str | None = None  # folder caching sentence embeddings (minilm)
     grad_clip: float = 2.0
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
@@ -57,7 +62,9 @@ def load_splits(cfg: TrainConfig) -> dict[str, RetrievalSplit]:
     """{"train", "val", "test"} splits, each cut to n_train / n_eval items when those are set."""
     names = SPLIT_NAMES.get(cfg.data, SPLIT_NAMES["shapes"])
     splits = {}
-    for role, name, n in zip(("train", "val", "test"), names, (cfg.n_train, cfg.n_eval, cfg.n_eval), strict=True):
+    for role, name, n in zip(
+        ("train", "val", "test"), names, (cfg.n_train, cfg.n_eval, cfg.n_eval), strict=True
+    ):
         split = load_split(cfg.data, name, root=cfg.data_root)
         splits[role] = subset(split, n) if n else split
     return splits
@@ -95,14 +102,17 @@ def train(cfg: TrainConfig, out: Path, model_overrides: dict | None = None) -> d
     tokenizer = train_tokenizer(train_split.flat_captions())
     model = RVSE(make_model_config(train_split, tokenizer.get_vocab_size(), model_overrides))
     limits = TextLimits(max_tokens=model.cfg.max_tokens)
-    warm_loss = make_loss(cfg.loss, hardest=False) if cfg.loss == "triplet_hn" else make_loss(cfg.loss)
     main_loss = make_loss(cfg.loss)
+    warm_loss = make_loss(cfg.loss, hardest=False) if cfg.loss == "triplet_hn" else main_loss
+    labels = None  # continuous labels, for the losses that learn from them
+    if main_loss.needs_relevance:
+        labels = CaptionRelevance(train_split.captions, cfg.relevance, cfg.relevance_cache)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     n = len(train_split.images)
     steps_per_epoch = max(
         1, n // cfg.batch_size
-    )  # drop the last partial batch: hardest-negative needs a full one
+    )  # drop the last partial batch: hardest negatives need it full
     total = steps_per_epoch * cfg.epochs
     rng = np.random.default_rng(cfg.seed)
     best = {"rsum": -1.0}
@@ -119,15 +129,19 @@ def train(cfg: TrainConfig, out: Path, model_overrides: dict | None = None) -> d
             step = epoch * steps_per_epoch + i
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, steps_per_epoch, cfg.lr)
-            idx = np.sort(order[i * cfg.batch_size : (i + 1) * cfg.batch_size])
-            texts = [train_split.captions[j][rng.integers(len(train_split.captions[j]))] for j in idx]
+            idx = np.sort(order[i * cfg.batch_size : (i + 1) * cfg.batch_size])  # images of the batch
+            cpi = train_split.captions_per_image
+            caption_idx = idx * cpi + rng.integers(cpi, size=len(idx))  # one random caption each (flat index)
+            texts = [train_split.captions[c // cpi][c % cpi] for c in caption_idx]
             ids, lengths = encode_batch(tokenizer, texts, limits)
+            images = image_inputs(train_split.images[idx], model.cfg)
             sim = model(
-                image_inputs(train_split.images[idx], model.cfg),
-                torch.from_numpy(ids),
-                torch.from_numpy(lengths),
-            )
-            loss = loss_fn(sim)
+                images, torch.from_numpy(ids), torch.from_numpy(lengths)
+            )  # (B, B), diagonal positives
+            if labels is None:
+                loss = loss_fn(sim)
+            else:
+                loss = loss_fn(sim, torch.from_numpy(labels.block(idx, caption_idx)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

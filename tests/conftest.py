@@ -14,7 +14,9 @@ from xmr.export.onnx_export import export_run
 from xmr.export.repository import build_repository
 from xmr.models.train import TrainConfig, train
 
-HAS_TRITON = importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
+HAS_TRITON = (
+    importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
+)
 
 
 def pytest_collection_modifyitems(config, items):

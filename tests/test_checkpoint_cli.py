@@ -21,7 +21,9 @@ def test_run_round_trip_gives_identical_outputs(tiny_run):
     texts = ["a red circle", "a small blue square above a large green triangle"]
     assert np.array_equal(embed_texts(a, tok, texts), embed_texts(b, tok, texts))
     assert config["model"] == "rvse" and config["train_config"]["n_train"] == 256
-    assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.json"} <= {p.name for p in tiny_run.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.json"} <= {
+        p.name for p in tiny_run.iterdir()
+    }
 
 
 def test_corrupt_or_missing_run_files(tiny_run, tmp_path):

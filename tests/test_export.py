@@ -69,4 +69,9 @@ def test_precomputed_features_train_export_and_serve_specs(tmp_path):
     assert manifest["parity"]["image_encoder"]["max_abs_err"] < 1e-4
     repo = build_repository(tmp_path / "artifacts", tmp_path / "repo", "cpu")
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == [
-        "gallery_topk", "image_encoder", "text_encoder", "text_search", "tokenizer"]
+        "gallery_topk",
+        "image_encoder",
+        "text_encoder",
+        "text_search",
+        "tokenizer",
+    ]

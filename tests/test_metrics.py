@@ -14,7 +14,7 @@ def test_ranks_by_hand():
         ]
     )
     assert i2t_ranks(sim, cap_to_img).tolist() == [1, 2]
-    # caption 0: image 0 0.9 vs 0.3 -> 1; caption 1: 0.1 vs 0.8 -> 2; caption 2: 0.4 vs 0.5 -> 2; caption 3: tie -> 1
+    # caption 0: 0.9 vs 0.3 -> 1; caption 1: 0.1 vs 0.8 -> 2; caption 2: 0.4 vs 0.5 -> 2; caption 3: tie -> 1
     assert t2i_ranks(sim, cap_to_img).tolist() == [1, 2, 2, 1]
     m = retrieval_metrics(sim, cap_to_img, ks=(1,))
     assert m["i2t_R@1"] == 50.0 and m["t2i_R@1"] == 50.0 and m["rsum"] == 100.0

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from xmr.models.errors import InputError
 from xmr.models.preprocess import preprocess_images
 from xmr.models.rvse import RVSE, RVSEConfig
-from xmr.models.errors import InputError
 
 
 @pytest.fixture(scope="module")

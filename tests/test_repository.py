@@ -16,8 +16,9 @@ from xmr.models.tokenizer import TextLimits
 
 def default_facts():
     c, lim = RVSEConfig(), TextLimits()
-    return serving_facts(c.embed_dim, c.image_size, c.region_dim, c.pixel_mean, c.pixel_std, lim.max_tokens,
-                         lim.max_bytes)
+    return serving_facts(
+        c.embed_dim, c.image_size, c.region_dim, c.pixel_mean, c.pixel_std, lim.max_tokens, lim.max_bytes
+    )
 
 
 def test_committed_configs_are_rendered_from_the_spec():
@@ -79,8 +80,13 @@ def test_corrupted_or_missing_artifacts_are_refused(tiny_artifacts, tmp_path):
 
 def test_manifest_records_files_versions_and_preprocessing(tiny_artifacts):
     manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"text_encoder.onnx", "image_encoder.onnx", "tokenizer.json", "gallery.npy",
-                                      "gallery_ids.npy"}
+    assert set(manifest["files"]) == {
+        "text_encoder.onnx",
+        "image_encoder.onnx",
+        "tokenizer.json",
+        "gallery.npy",
+        "gallery_ids.npy",
+    }
     assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
     assert manifest["preprocessing"]["pixel_mean"] == list(RVSEConfig().pixel_mean)

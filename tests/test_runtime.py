@@ -43,7 +43,12 @@ def test_gallery_errors_name_the_problem():
 def test_search_requests_cuts_each_request_to_its_own_k_and_isolates_errors():
     index = GalleryIndex(unit(50, 8, 0))
     q = unit(3, 8, 1)
-    requests = [(q[:2], np.array([5, 5])), (q[2:], np.array([2])), (q[:1], np.array([0])), (q[:2], np.array([1, 2]))]
+    requests = [
+        (q[:2], np.array([5, 5])),
+        (q[2:], np.array([2])),
+        (q[:1], np.array([0])),
+        (q[:2], np.array([1, 2])),
+    ]
     out = index.search_requests(requests)
     assert out[0]["ids"].shape == (2, 5) and out[1]["ids"].shape == (1, 2)
     assert (out[1]["ids"] == index.search(q[2:], 2)[0]).all()
@@ -67,7 +72,10 @@ def test_pad_concat_and_run_batched_isolate_a_bad_request():
 
 
 def test_decode_texts():
-    assert decode_texts(np.array([[b"a red circle"], ["\u00e9t\u00e9".encode()]], dtype=object)) == ["a red circle", "été"]
+    assert decode_texts(np.array([[b"a red circle"], ["\u00e9t\u00e9".encode()]], dtype=object)) == [
+        "a red circle",
+        "été",
+    ]
     with pytest.raises(InputError, match="text 1 is not valid UTF-8"):
         decode_texts(np.array([[b"ok"], [b"\xff\xfe"]], dtype=object))
 

@@ -41,7 +41,9 @@ def test_text_search_ranking_equals_in_process(triton, reference, protocol):
     assert np.abs(result.text_embedding - reference["text_embedding"]).max() < 1e-4
     brute_force = np.argsort(-(reference["text_embedding"] @ reference["gallery"].T), axis=1)[:, :10]
     agree = rankings_agree(result.ids, result.scores, reference["text_embedding"], reference["gallery"], 1e-4)
-    assert agree.all(), f"served top-10 differs from numpy brute force: {result.ids[~agree]} vs {brute_force[~agree]}"
+    assert agree.all(), (
+        f"served top-10 differs from numpy brute force: {result.ids[~agree]} vs {brute_force[~agree]}"
+    )
 
 
 def test_image_embed_equals_pytorch(triton, reference):
@@ -77,9 +79,12 @@ def test_bad_text_gets_a_clear_error_and_the_server_stays_up(triton, text, messa
 
 def test_wrong_dtype_and_bad_top_k_are_refused(triton):
     client = XmrClient(triton.grpc_url)
-    with pytest.raises(ServerError, match="input 'image' data-type is 'FP32', but model 'image_embed' expects 'UINT8'"):
-        client.raw_infer("image_embed", {"image": (np.zeros((1, 64, 64, 3), np.float32), "FP32")},
-                         ["image_embedding"])
+    with pytest.raises(
+        ServerError, match="input 'image' data-type is 'FP32', but model 'image_embed' expects 'UINT8'"
+    ):
+        client.raw_infer(
+            "image_embed", {"image": (np.zeros((1, 64, 64, 3), np.float32), "FP32")}, ["image_embedding"]
+        )
     with pytest.raises(InputError, match="input 'image' has dtype float32; expected uint8"):
         client.image_embed(np.zeros((1, 64, 64, 3), np.float32))
     with pytest.raises(ServerError, match="top_k is 100000; expected 1 <= top_k <= 64"):
@@ -90,12 +95,18 @@ def test_wrong_dtype_and_bad_top_k_are_refused(triton):
 
 
 def test_cli_check_search_and_errors(triton, tiny_artifacts):
-    ok = subprocess.run([XMR, "check", str(tiny_artifacts), "--url", triton.grpc_url, "--n", "16"],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [XMR, "check", str(tiny_artifacts), "--url", triton.grpc_url, "--n", "16"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "served models match PyTorch" in ok.stdout
-    found = subprocess.run([XMR, "search", "a red circle", "-k", "3", "--protocol", "http", "--url", triton.http_url],
-                           capture_output=True, text=True)
+    found = subprocess.run(
+        [XMR, "search", "a red circle", "-k", "3", "--protocol", "http", "--url", triton.http_url],
+        capture_output=True,
+        text=True,
+    )
     assert found.returncode == 0 and found.stdout.count("gallery id") == 3
     empty = subprocess.run([XMR, "search", "", "--url", triton.grpc_url], capture_output=True, text=True)
     assert empty.returncode == 1 and "text 0 is empty" in empty.stderr and "Traceback" not in empty.stderr
@@ -106,7 +117,9 @@ def test_served_tokenizer_gives_the_training_ids(triton, tiny_run, reference):
 
     texts = reference["texts"][:8] + ["A RED Circle, above   a blue square!"]
     text = np.array([t.encode() for t in texts], dtype=object).reshape(-1, 1)
-    served = XmrClient(triton.grpc_url).raw_infer("tokenizer", {"text": (text, "BYTES")}, ["input_ids", "lengths"])
+    served = XmrClient(triton.grpc_url).raw_infer(
+        "tokenizer", {"text": (text, "BYTES")}, ["input_ids", "lengths"]
+    )
     ids, lengths = encode_batch(load_tokenizer(tiny_run / "tokenizer.json"), texts, TextLimits())
     assert np.array_equal(served["input_ids"], ids) and np.array_equal(served["lengths"].reshape(-1), lengths)
 
@@ -118,8 +131,12 @@ def test_xmr_serve_binds_loopback_and_stops_on_sigterm(tiny_repository):
     from xmr.clients.server import free_port
 
     grpc_port, http_port = free_port(), free_port()
-    proc = subprocess.Popen([XMR, "serve", str(tiny_repository), "--grpc-port", str(grpc_port), "--http-port",
-                             str(http_port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [XMR, "serve", str(tiny_repository), "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert f"gRPC 127.0.0.1:{grpc_port}" in line and f"HTTP 127.0.0.1:{http_port}" in line, line
