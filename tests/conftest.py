@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 
 from xmr.export.onnx_export import export_run
@@ -26,6 +27,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "server" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def precomputed_root(tmp_path_factory):
+    """A tiny folder in the VSE precomputed format (train/dev/test); regions carry the caption's colour."""
+    root = tmp_path_factory.mktemp("precomputed")
+    rng = np.random.default_rng(0)
+    colours = ["red", "green", "blue", "yellow"]
+    for split, n_images in (("train", 64), ("dev", 16), ("test", 16)):
+        feats = rng.normal(size=(n_images, 6, 16)).astype(np.float32)
+        lines = []
+        for i in range(n_images):
+            c = i % len(colours)
+            feats[i, :, c] += 3.0
+            lines += [f"a {colours[c]} thing number {j}" for j in range(5)]
+        np.save(root / f"{split}_ims.npy", feats)
+        (root / f"{split}_caps.txt").write_text("\n".join(lines) + "\n")
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -40,29 +40,13 @@ def test_dynamic_batch_and_length_match_pytorch(tiny_run, tiny_artifacts):
         assert np.abs(got - want).max() < 1e-4
 
 
-def write_precomputed(root, rng, n_images: int, split: str) -> None:
-    """A tiny folder in the VSE precomputed format; region features carry the caption's colour."""
-    colours = ["red", "green", "blue", "yellow"]
-    feats = rng.normal(size=(n_images, 6, 16)).astype(np.float32)
-    lines = []
-    for i in range(n_images):
-        c = i % len(colours)
-        feats[i, :, c] += 3.0
-        lines += [f"a {colours[c]} thing number {j}" for j in range(5)]
-    np.save(root / f"{split}_ims.npy", feats)
-    (root / f"{split}_caps.txt").write_text("\n".join(lines) + "\n")
-
-
-def test_precomputed_features_train_export_and_serve_specs(tmp_path):
+def test_precomputed_features_train_export_and_serve_specs(precomputed_root, tmp_path):
     from xmr.export.onnx_export import export_run
     from xmr.export.repository import build_repository
     from xmr.models.train import TrainConfig, train
 
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("dev", 16), ("test", 16)):
-        write_precomputed(tmp_path, rng, n, split)
     run = tmp_path / "run"
-    train(TrainConfig(data="precomputed", data_root=str(tmp_path), epochs=1, batch_size=32), run)
+    train(TrainConfig(data="precomputed", data_root=str(precomputed_root), epochs=1, batch_size=32), run)
     manifest = export_run(run, tmp_path / "artifacts")
     assert manifest["specs"]["image_encoder"]["inputs"][0]["name"] == "regions"
     assert "image_embed" not in manifest["specs"]  # no pixels, no raw-image ensemble
