@@ -22,6 +22,7 @@ DTYPES: dict[str, tuple[str, str]] = {
     "int64": ("TYPE_INT64", "INT64"),
     "int32": ("TYPE_INT32", "INT32"),
     "uint8": ("TYPE_UINT8", "UINT8"),
+    "bool": ("TYPE_BOOL", "BOOL"),
     "bytes": ("TYPE_STRING", "BYTES"),
 }
 
@@ -43,6 +44,10 @@ class TensorSpec:
     @property
     def numpy_dtype(self) -> np.dtype:
         return np.dtype(object) if self.dtype == "bytes" else np.dtype(self.dtype)
+
+    def example_shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        """A concrete shape: dynamic dims from `sizes` (default 2)."""
+        return tuple(d if isinstance(d, int) else sizes.get(d, 2) for d in self.shape)
 
     def triton_dims(self) -> list[int]:
         """`dims` of config.pbtxt: no batch dim, -1 for dynamic dims."""
@@ -181,3 +186,49 @@ def image_text_specs(embed_dim: int, image_size: int, region_dim: int | None = N
     if not region_dim:  # a pixel model also serves raw images
         specs += [preprocess_spec(image_size), image_embed_spec(embed_dim, image_size)]
     return {s.name: s for s in specs}
+
+
+# ----------------------------------------------------------------------------- the text-video models
+
+
+def video_text_encoder_spec(embed_dim: int, tokens: bool = False) -> ModelSpec:
+    """Text tower of a video model; `tokens=True` adds ProTA's token Gaussians."""
+    outputs = [TensorSpec("text_embedding", "float32", ("batch", embed_dim))]
+    if tokens:
+        outputs += [TensorSpec("text_mu", "float32", ("batch", "tokens", embed_dim)),
+                    TensorSpec("text_sigma", "float32", ("batch", "tokens", embed_dim))]
+    return ModelSpec("text_encoder", text_encoder_spec(embed_dim).inputs, tuple(outputs))
+
+
+def visern_video_encoder_spec(embed_dim: int, regions: int, region_dim: int) -> ModelSpec:
+    return ModelSpec(
+        "video_encoder",
+        inputs=(TensorSpec("regions", "float32", ("batch", "frames", regions, region_dim)),
+                TensorSpec("frame_mask", "bool", ("batch", "frames"))),
+        outputs=(TensorSpec("video_embedding", "float32", ("batch", embed_dim)),),
+    )
+
+
+def prota_video_encoder_spec(embed_dim: int, frame_dim: int) -> ModelSpec:
+    return ModelSpec(
+        "video_encoder",
+        inputs=(TensorSpec("frames", "float32", ("batch", "frames", frame_dim)),
+                TensorSpec("frame_mask", "bool", ("batch", "frames"))),
+        outputs=(TensorSpec("video_embedding", "float32", ("batch", embed_dim)),
+                 TensorSpec("video_mu", "float32", ("batch", "frames", embed_dim)),
+                 TensorSpec("video_sigma", "float32", ("batch", "frames", embed_dim))),
+    )
+
+
+def prota_pair_scorer_spec(embed_dim: int) -> ModelSpec:
+    """Re-rank a shortlist of K videos for one query with the token-level score."""
+    return ModelSpec(
+        "pair_scorer",
+        inputs=(TensorSpec("text_mu", "float32", (1, "tokens", embed_dim)),
+                TensorSpec("text_sigma", "float32", (1, "tokens", embed_dim)),
+                TensorSpec("lengths", "int64", (1,)),
+                TensorSpec("video_mu", "float32", ("shortlist", "frames", embed_dim)),
+                TensorSpec("video_sigma", "float32", ("shortlist", "frames", embed_dim)),
+                TensorSpec("frame_mask", "bool", ("shortlist", "frames"))),
+        outputs=(TensorSpec("scores", "float32", ("shortlist",)),),
+    )

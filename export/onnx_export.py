@@ -36,10 +36,21 @@ OPSET = 18
 
 
 def export_onnx(
-    module: torch.nn.Module, example: tuple[torch.Tensor, ...], spec: ModelSpec, path: Path
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    spec: ModelSpec,
+    path: Path,
+    custom_ops: str = "standard",
 ) -> None:
-    """Export `module` with the names and dynamic dims of `spec`, then run the full ONNX checker."""
+    """Export `module` with the names and dynamic dims of `spec`, then run the full ONNX checker.
+
+    `custom_ops="plugin"` selects the custom-op call form in the model's layers and translates each into
+    one node of the `xmr` ONNX domain; "standard" lets the exporter decompose them into standard ops.
+    """
     import onnx
+
+    from xmr.export.custom_ops import register_schemas, translation_table
+    from xmr.models.graph_ops import use_op_form
 
     dims: dict[str, torch.export.Dim] = {}
 
@@ -51,19 +62,25 @@ def export_onnx(
         arg: {i: dim(d) for i, d in t.onnx_dynamic_axes().items()}
         for arg, t in zip(arg_names, spec.inputs, strict=True)
     }
+    use_op_form(module, custom_ops)
     module.eval()
-    torch.onnx.export(
-        module,
-        example,
-        str(path),
-        input_names=spec.input_names,
-        output_names=spec.output_names,
-        dynamic_shapes=dynamic,
-        dynamo=True,
-        opset_version=OPSET,
-        external_data=False,
-        verbose=False,
-    )
+    try:
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=dynamic,
+            dynamo=True,
+            opset_version=OPSET,
+            external_data=False,
+            verbose=False,
+            custom_translation_table=translation_table() if custom_ops == "plugin" else None,
+        )
+    finally:
+        use_op_form(module, "standard")
+    register_schemas()  # the checker must know the xmr domain's ops
     onnx.checker.check_model(str(path), full_check=True)
 
 

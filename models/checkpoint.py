@@ -17,10 +17,14 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from xmr.models.errors import InputError
+from xmr.models.prota import ProTA, ProTAConfig
 from xmr.models.rvse import RVSE, RVSEConfig
 from xmr.models.tokenizer import load_tokenizer, save_tokenizer
+from xmr.models.visern import ViSERN, ViSERNConfig
 
 WEIGHTS, CONFIG, TOKENIZER, METRICS = "model.safetensors", "config.json", "tokenizer.json", "metrics.json"
+# model name in config.json -> (model class, its config dataclass)
+MODELS = {"rvse": (RVSE, RVSEConfig), "visern": (ViSERN, ViSERNConfig), "prota": (ProTA, ProTAConfig)}
 
 
 @contextmanager
@@ -44,12 +48,15 @@ def write_json(path: Path, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def save_run(out: Path, model: RVSE, tokenizer: Tokenizer, meta: dict, metrics: dict) -> Path:
+def save_run(
+    out: Path, model, tokenizer: Tokenizer, meta: dict, metrics: dict, model_name: str = "rvse"
+) -> Path:
     """Write a run folder; `meta` holds the training/data settings, stored next to the model config."""
     with atomic_dir(Path(out)) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        # tied weights (one tensor under two names) are stored once each: safetensors refuses shared storage
+        state = {k: v.detach().clone().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
-        write_json(tmp / CONFIG, {"model": "rvse", "model_config": model.cfg.to_dict(), **meta})
+        write_json(tmp / CONFIG, {"model": model_name, "model_config": model.cfg.to_dict(), **meta})
         save_tokenizer(tokenizer, tmp / TOKENIZER)
         write_json(tmp / METRICS, metrics)
     return Path(out)
@@ -65,14 +72,18 @@ def read_run_config(run: Path) -> dict:
         raise InputError(f"{path} is not valid JSON: {e}") from e
 
 
-def load_run(run: Path) -> tuple[RVSE, Tokenizer, dict]:
+def load_run(run: Path) -> tuple[RVSE | ViSERN | ProTA, Tokenizer, dict]:
     """(model in eval mode, tokenizer, the run's config dict)."""
     run = Path(run)
     config = read_run_config(run)
     weights = run / WEIGHTS
     if not weights.is_file():
         raise InputError(f"run {run} has no weights: {weights} is missing")
-    model = RVSE(RVSEConfig.from_dict(config["model_config"]))
+    name = config.get("model", "rvse")
+    if name not in MODELS:
+        raise InputError(f"{run}/config.json names model {name!r}; valid: {', '.join(MODELS)}")
+    model_cls, config_cls = MODELS[name]
+    model = model_cls(config_cls.from_dict(config["model_config"]))
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types on truncated/corrupt files

@@ -184,24 +184,37 @@ class Block(nn.Module):
 
 
 class TextTower(nn.Module):
-    def __init__(self, cfg: RVSEConfig):
-        super().__init__()
-        self.tok = nn.Embedding(cfg.vocab_size, cfg.word_dim, padding_idx=0)
-        self.pos = nn.Embedding(cfg.max_tokens, cfg.word_dim)
-        self.blocks = nn.ModuleList(
-            Block(cfg.word_dim, cfg.text_heads, cfg.dropout) for _ in range(cfg.text_layers)
-        )
-        self.ln = nn.LayerNorm(cfg.word_dim)
-        self.proj = nn.Linear(cfg.word_dim, cfg.embed_dim)
+    """Words -> masked Transformer -> masked mean -> linear -> L2 norm; shared by the video models."""
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        heads: int,
+        layers: int,
+        max_tokens: int,
+        dropout: float,
+        out_dim: int,
+    ):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.pos = nn.Embedding(max_tokens, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
+        self.ln = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, out_dim)
+
+    def tokens(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contextual token states (B, T, C) and the valid-token mask (B, T)."""
         t = input_ids.shape[1]
         positions = torch.arange(t, device=input_ids.device)
         valid = positions.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
         x = self.tok(input_ids) + self.pos(positions).unsqueeze(0)  # (B, T, C)
         for block in self.blocks:
             x = block(x, ~valid)
-        x = self.ln(x)
+        return self.ln(x), valid
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x, valid = self.tokens(input_ids, lengths)
         w = valid.unsqueeze(-1).to(x.dtype)
         pooled = (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # masked mean (B, C)
         return F.normalize(self.proj(pooled), dim=-1)  # (B, D)
@@ -217,7 +230,15 @@ class RVSE(nn.Module):
             raise ValueError("RVSEConfig.vocab_size must be set from the tokenizer (got 0)")
         self.cfg = cfg
         self.image = ImageTower(cfg)
-        self.text = TextTower(cfg)
+        self.text = TextTower(
+            cfg.vocab_size,
+            cfg.word_dim,
+            cfg.text_heads,
+            cfg.text_layers,
+            cfg.max_tokens,
+            cfg.dropout,
+            cfg.embed_dim,
+        )
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels, or (B, R, Dr) region features -> (B, D) unit vectors."""

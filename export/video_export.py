@@ -1,0 +1,261 @@
+"""Export a text-video run (ViSERN or ProTA) to ONNX in either custom-op form, with parity vs PyTorch.
+
+`export_video_run(run, out, custom_ops)` writes into `out` (replaced atomically):
+- ViSERN: `text_encoder.onnx`, `video_encoder.onnx`; ProTA: also `pair_scorer.onnx` (token-level
+  re-ranking of a shortlist for one query);
+- `tokenizer.json` and `manifest.json`: I/O specs, sha256 of each file, versions, the custom-op form, the
+  `xmr`-domain nodes per graph, and parity on the evaluation split: max abs error and min cosine of every
+  output, and Recall@1/5/10, median and mean rank (both directions) of the ONNX outputs beside PyTorch's.
+
+Which runtime checks the graphs: the `standard` form (standard ONNX ops only) runs in ONNX Runtime; the
+`plugin` form holds `xmr::RandomWalkGCN` nodes that no stock runtime implements, so it runs in
+`onnx.reference.ReferenceEvaluator` with the numpy implementations of `export/custom_ops.py` (slow: the
+manifest says how many videos it covered). ProTA has no custom op: both forms give the same graphs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from tqdm.auto import tqdm
+
+from xmr.export.custom_ops import reference_evaluator, xmr_nodes
+from xmr.export.iospec import (
+    ModelSpec,
+    prota_pair_scorer_spec,
+    prota_video_encoder_spec,
+    video_text_encoder_spec,
+    visern_video_encoder_spec,
+)
+from xmr.export.onnx_export import export_onnx, tensor_parity, versions
+from xmr.export.repository import sha256
+from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run, write_json
+from xmr.models.data.video import VideoFeatures
+from xmr.models.errors import InputError
+from xmr.models.metrics import retrieval_metrics
+from xmr.models.prota import ProTA, ProTAPairScorer, ProTATextEncoder, ProTAVideoEncoder
+from xmr.models.tokenizer import TextLimits, encode_batch
+from xmr.models.train_video import VideoTrainConfig as _Cfg
+from xmr.models.train_video import load_splits, similarity, video_inputs
+from xmr.models.visern import TextEncoder, VideoEncoder, ViSERN
+
+CUSTOM_OPS = ("standard", "plugin")
+
+
+class Runner:
+    """ONNX Runtime for the standard form, the reference evaluator (with xmr ops) for the plugin form."""
+
+    def __init__(self, path: Path, spec: ModelSpec, form: str):
+        self.spec = spec
+        if form == "plugin":
+            self.session = reference_evaluator(str(path))
+        else:
+            import onnxruntime as ort
+
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.spec.output_names, feeds)
+        return dict(zip(self.spec.output_names, outs, strict=True))
+
+
+def specs_for(model) -> dict[str, ModelSpec]:
+    cfg = model.cfg
+    if isinstance(model, ViSERN):
+        return {"text_encoder": video_text_encoder_spec(cfg.embed_dim), "video_encoder": None}
+    return {
+        "text_encoder": video_text_encoder_spec(cfg.embed_dim, tokens=True),
+        "video_encoder": prota_video_encoder_spec(cfg.embed_dim, cfg.frame_dim),
+        "pair_scorer": prota_pair_scorer_spec(cfg.embed_dim),
+    }
+
+
+def modules_for(model) -> dict[str, torch.nn.Module]:
+    if isinstance(model, ViSERN):
+        return {"text_encoder": TextEncoder(model), "video_encoder": VideoEncoder(model)}
+    return {
+        "text_encoder": ProTATextEncoder(model),
+        "video_encoder": ProTAVideoEncoder(model),
+        "pair_scorer": ProTAPairScorer(model),
+    }
+
+
+def torch_outputs(
+    module: torch.nn.Module, feeds: dict[str, np.ndarray], spec: ModelSpec
+) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        out = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+    out = out if isinstance(out, tuple) else (out,)
+    return {name: o.numpy() for name, o in zip(spec.output_names, out, strict=True)}
+
+
+def batches(n: int, size: int):
+    for i in range(0, n, size):
+        yield np.arange(i, min(i + size, n))
+
+
+def export_video_run(
+    run: Path,
+    out: Path,
+    custom_ops: str = "standard",
+    split: VideoFeatures | None = None,
+    parity_videos: int | None = None,
+) -> dict:
+    """Export `run`; parity on the test split (or `split`), the first `parity_videos` videos of it if set
+    (default: all for the standard form, 48 for the reference-evaluated plugin form)."""
+    if custom_ops not in CUSTOM_OPS:
+        raise InputError(f"--custom-ops {custom_ops!r}; valid: {', '.join(CUSTOM_OPS)}")
+    model, tokenizer, config = load_run(Path(run))
+    if not isinstance(model, ViSERN | ProTA):
+        raise InputError(f"{run} holds a {config['model']!r} model; video export takes visern or prota")
+    if split is None:
+        cfg = _Cfg(**config["train_config"])
+        split = load_splits(cfg)["test"]
+    n = parity_videos or (len(split) if custom_ops == "standard" else min(48, len(split)))
+    split = split.subset(n)
+    limits = TextLimits(max_tokens=model.cfg.max_tokens)
+    specs, modules = specs_for(model), modules_for(model)
+    if specs["video_encoder"] is None:
+        specs["video_encoder"] = visern_video_encoder_spec(
+            model.cfg.embed_dim, split.regions.shape[2], split.regions.shape[3]
+        )
+    texts = split.flat_captions()
+    steps = tqdm(total=len(specs) + 2, desc=f"export {config['model']} ({custom_ops})", unit="step")
+    with atomic_dir(Path(out)) as tmp:
+        ids, lengths = encode_batch(tokenizer, texts[:3], limits)
+        video, mask = (x.numpy() for x in video_inputs(model, split, np.arange(2)))
+        examples = {
+            "text_encoder": {"input_ids": ids, "lengths": lengths},
+            "video_encoder": dict(zip(specs["video_encoder"].input_names, (video, mask), strict=True)),
+        }
+        if "pair_scorer" in specs:
+            t = torch_outputs(
+                modules["text_encoder"], {"input_ids": ids[:1], "lengths": lengths[:1]}, specs["text_encoder"]
+            )
+            v = torch_outputs(modules["video_encoder"], examples["video_encoder"], specs["video_encoder"])
+            examples["pair_scorer"] = {
+                "text_mu": t["text_mu"],
+                "text_sigma": t["text_sigma"],
+                "lengths": lengths[:1],
+                "video_mu": v["video_mu"],
+                "video_sigma": v["video_sigma"],
+                "frame_mask": mask,
+            }
+        for name, spec in specs.items():
+            example = tuple(torch.from_numpy(examples[name][n_]) for n_ in spec.input_names)
+            export_onnx(modules[name], example, spec, tmp / f"{name}.onnx", custom_ops)
+            steps.update()
+        shutil.copy2(Path(run) / TOKENIZER, tmp / "tokenizer.json")
+
+        runners = {name: Runner(tmp / f"{name}.onnx", spec, custom_ops) for name, spec in specs.items()}
+        parity, onnx_sim = onnx_parity(model, tokenizer, split, specs, modules, runners, limits)
+        steps.update()
+        torch_sim = similarity(model, tokenizer, split)
+        cap_to_video = split.caption_video_index()
+        parity["recall"] = {
+            "pytorch": retrieval_metrics(torch_sim, cap_to_video),
+            "onnx": retrieval_metrics(onnx_sim, cap_to_video),
+        }
+        parity["runtime"] = "onnxruntime" if custom_ops == "standard" else "onnx.reference + xmr numpy ops"
+        parity["split"] = f"{split.name}/{split.split}"
+        parity["n_videos"], parity["n_captions"] = len(split), len(texts)
+        files = [f"{name}.onnx" for name in specs] + ["tokenizer.json"]
+        manifest = {
+            "model": config["model"],
+            "model_config": model.cfg.to_dict(),
+            "run": str(run),
+            "custom_ops": custom_ops,
+            "xmr_nodes": {
+                name: [n_.op_type for n_ in xmr_nodes(onnx.load(tmp / f"{name}.onnx"))] for name in specs
+            },
+            "preprocessing": {
+                "features": "backbone regions (B, F, K, D), see models/data/video.py",
+                "max_tokens": limits.max_tokens,
+                "max_bytes": limits.max_bytes,
+                "tokenizer": "tokenizer.json",
+            },
+            "specs": {name: spec.to_dict() for name, spec in specs.items()},
+            "files": {f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
+            "versions": versions(),
+            "parity": parity,
+        }
+        write_json(tmp / "manifest.json", manifest)
+        steps.update()
+    steps.close()
+    return manifest
+
+
+class ParityStats:
+    """Running max abs error and min cosine of every output of every exported graph, batch by batch."""
+
+    def __init__(self):
+        self.stats: dict[str, dict[str, dict[str, float]]] = {}
+
+    def add(self, graph: str, want: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> None:
+        for name in got:
+            p = (
+                tensor_parity(want[name].reshape(len(want[name]), -1), got[name].reshape(len(got[name]), -1))
+                if want[name].ndim > 1
+                else tensor_parity(want[name][None], got[name][None])
+            )
+            s = self.stats.setdefault(graph, {}).setdefault(name, {"max_abs_err": 0.0, "min_cosine": 1.0})
+            s["max_abs_err"] = max(s["max_abs_err"], p["max_abs_err"])
+            s["min_cosine"] = min(s["min_cosine"], p["min_cosine"])
+
+
+def onnx_parity(model, tokenizer, split, specs, modules, runners, limits, batch_size: int = 32):
+    """Tensor errors of every exported output against PyTorch, and the ONNX (N_video, N_caption) scores."""
+    stats = ParityStats()
+
+    def run(name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        got = runners[name].run(feeds)
+        stats.add(name, torch_outputs(modules[name], feeds, specs[name]), got)
+        return got
+
+    texts = split.flat_captions()
+    text_rows = []  # per caption: its outputs with padding cut off
+    for idx in tqdm(list(batches(len(texts), batch_size)), desc="onnx texts", leave=False):
+        ids, lengths = encode_batch(tokenizer, [texts[i] for i in idx], limits)
+        out = run("text_encoder", {"input_ids": ids, "lengths": lengths})
+        text_rows += [
+            {k: v[i : i + 1, : lengths[i]] if v.ndim == 3 else v[i : i + 1] for k, v in out.items()}
+            for i in range(len(idx))
+        ]
+    video_out = [
+        run(
+            "video_encoder",
+            dict(
+                zip(
+                    specs["video_encoder"].input_names,
+                    (x.numpy() for x in video_inputs(model, split, idx)),
+                    strict=True,
+                )
+            ),
+        )
+        for idx in tqdm(list(batches(len(split), batch_size)), desc="onnx videos", leave=False)
+    ]
+    videos = {k: np.concatenate([v[k] for v in video_out]) for k in video_out[0]}
+    if isinstance(model, ViSERN):
+        sim = videos["video_embedding"] @ np.concatenate([t["text_embedding"] for t in text_rows]).T
+    else:  # every caption re-ranks the whole gallery with the exported pair scorer
+        mask = np.ascontiguousarray(split.mask.astype(bool))
+        columns = [
+            run(
+                "pair_scorer",
+                {
+                    "text_mu": t["text_mu"],
+                    "text_sigma": t["text_sigma"],
+                    "lengths": np.array([t["text_mu"].shape[1]], np.int64),
+                    "video_mu": videos["video_mu"],
+                    "video_sigma": videos["video_sigma"],
+                    "frame_mask": mask,
+                },
+            )["scores"]
+            for t in tqdm(text_rows, desc="onnx pair scorer", leave=False)
+        ]
+        sim = np.stack(columns, axis=1)
+    return stats.stats, sim

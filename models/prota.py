@@ -1,0 +1,336 @@
+"""ProTA: probabilistic token aggregation for text-video retrieval.
+
+Paper (abstract only, see ../shared/SEEDS.md). What follows the abstract's words:
+- Dual partial-related aggregation of text tokens and frame tokens, in a low-dimension space (cosine
+  similarity of token means) and a high-dimension space (a multi-kernel Gaussian Gram matrix, i.e. an
+  RBF feature space): `l(t_i -> v) = sum_j s_ij softmax_j(lam s_ij)`, and v -> t symmetrically.
+- Token-based probabilistic alignment: every token is a diagonal Gaussian N(mu, sigma^2); tokens are compared
+  with the closed-form 2-Wasserstein distance `||mu_a - mu_b||^2 + ||sigma_a - sigma_b||^2` (no sampling, so
+  inference is deterministic).
+- An adaptive contrastive loss, plus `beta * KL(N(mu, sigma) || N(0, I))` keeping the token distributions
+  compact.
+
+Reconstructed (no method section was available), with the defaults chosen here (all in `ProTAConfig`):
+- Towers: frame features -> linear + learned positions -> `temporal_layers` masked Transformer blocks ->
+  Gaussian heads (mu, sigma = softplus + 1e-4); text -> RVSE's `TextTower.tokens` -> the tower's own
+  projection as the mu head, a second linear as the sigma head. The global embedding (first-stage retrieval)
+  is the L2-normalised masked mean of mu.
+- Aggregation: masked mean over the valid tokens of one side of the per-token scores, both directions
+  averaged; lam = 10. Gram kernel widths (0.5, 1, 2) on unit-norm means, averaged over the widths.
+- The Gaussians are compared on the unit sphere's scale: mean mu / ||mu||, std sigma / sqrt(D). The prior
+  N(0, I) of the KL term then has total variance 1, the same scale as a unit mean, and the W2 term stays
+  comparable to the cosine terms for any D. Token-level probabilistic similarity is -W2^2, aggregated like
+  the low-dimension path.
+- Score = w_low * low + w_high * high + w_prob * prob with weights (1, 0.5, 0.25): per unit of cosine each
+  term then moves the score by a similar amount (-W2^2 of unit means is 2 cos - 2, the Gram slope <= 1.75).
+- Adaptive margin: for a positive pair, m = margin * (mean sigma of the text tokens + mean sigma of the
+  frames) / 2, subtracted from the positive's score before a symmetric InfoNCE (tau = 0.05). Uncertain
+  pairs must win by more; the gradient reaches sigma, which, with the KL term pulling sigma towards 1, is
+  what makes the distributions "compact". KL per token is summed over dims, averaged over the valid tokens
+  of each modality, and the two modalities averaged (so 64 frames do not outweigh 12 words).
+
+Like CLIP, the model exposes `encode_text` / `encode_video`; serving exports the two towers and a small pair
+scorer that re-ranks a first-stage shortlist with the token-level score.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xmr.models.losses import InfoNCE
+from xmr.models.mining import default_pos_mask
+from xmr.models.rvse import Block, TextTower
+
+NEG = -1e4  # finite "minus infinity" for masked logits: a fully masked row gives zeros, never NaN
+
+
+@dataclass
+class ProTAConfig:
+    vocab_size: int = 0  # set from the tokenizer at training time
+    frame_dim: int = 0  # size of the precomputed per-frame features, set from the data
+    embed_dim: int = 128  # D: token Gaussians and global embeddings live here
+    # text tower
+    word_dim: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    max_tokens: int = 32  # positions the text tower knows; the tokenizer truncates to this
+    # video tower
+    temporal_layers: int = 1  # one block is enough to give frames their context
+    temporal_heads: int = 4
+    max_frames: int = 64  # positions the temporal Transformer knows; data sampling caps M at this
+    dropout: float = 0.1
+    # scoring
+    lam: float = 10.0  # aggregation sharpness: 0 = plain mean over tokens, large = max
+    kernel_sigmas: tuple[float, ...] = (0.5, 1.0, 2.0)  # Gram widths on unit vectors (distances in [0, 2])
+    w_low: float = 1.0  # cosine aggregation
+    w_high: float = 0.5  # Gram aggregation (steeper in cosine near 1, so a smaller weight)
+    w_prob: float = 0.25  # -W2^2 aggregation (twice the cosine's slope, so a quarter)
+    # loss
+    tau: float = 0.05  # InfoNCE temperature
+    margin: float = 0.1  # adaptive margin scale: margin * mean sigma of the positive pair
+    beta: float = 1e-3  # KL weight: a gentle pull towards N(0, I), not a VAE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ProTAConfig:
+        d = dict(d)
+        if "kernel_sigmas" in d:
+            d["kernel_sigmas"] = tuple(d["kernel_sigmas"])
+        return cls(**d)
+
+
+class TextTokens(NamedTuple):
+    embedding: torch.Tensor | None  # (B, D) unit vectors for first-stage retrieval
+    mu: torch.Tensor  # (B, N, D)
+    sigma: torch.Tensor  # (B, N, D), > 0
+    mask: torch.Tensor  # (B, N) bool, True = a real token
+
+
+class VideoTokens(NamedTuple):
+    embedding: torch.Tensor | None  # (B, D)
+    mu: torch.Tensor  # (B, M, D)
+    sigma: torch.Tensor  # (B, M, D)
+    mask: torch.Tensor  # (B, M) bool, True = a real frame
+
+
+# ----------------------------------------------------------------------------- token-level similarities
+# Text tokens (Bt, N, D) against video tokens (Bv, M, D) -> (Bt, Bv, N, M), every text against every video.
+
+
+def token_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a_i . b_j for (Bt, N, D) x (Bv, M, D) -> (Bt, Bv, N, M) by broadcast MatMul (TensorRT: no Einsum)."""
+    return a.unsqueeze(1) @ b.unsqueeze(0).transpose(-1, -2)
+
+
+def pairwise_sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a_i - b_j||^2 for (Bt, N, D) x (Bv, M, D) -> (Bt, Bv, N, M), by expansion (no (.., D) blow-up)."""
+    a2 = (a * a).sum(-1)[:, None, :, None]  # (Bt, 1, N, 1)
+    b2 = (b * b).sum(-1)[None, :, None, :]  # (1, Bv, 1, M)
+    return (a2 + b2 - 2.0 * token_dot(a, b)).clamp_min(0.0)
+
+
+def wasserstein2(
+    mu_a: torch.Tensor, sigma_a: torch.Tensor, mu_b: torch.Tensor, sigma_b: torch.Tensor
+) -> torch.Tensor:
+    """Squared 2-Wasserstein distance between diagonal Gaussians, every token pair -> (Bt, Bv, N, M)."""
+    return pairwise_sq_dist(mu_a, mu_b) + pairwise_sq_dist(sigma_a, sigma_b)
+
+
+def to_sphere(mu: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian on the unit sphere's scale: unit mean, std / sqrt(D)."""
+    return F.normalize(mu, dim=-1), sigma / math.sqrt(mu.shape[-1])
+
+
+def gaussian_gram(cos: torch.Tensor, kernel_sigmas: tuple[float, ...]) -> torch.Tensor:
+    """Multi-kernel Gram of unit vectors from their cosine: mean_s exp(-||t - v||^2 / (2 s^2))."""
+    d2 = (2.0 - 2.0 * cos).clamp_min(0.0)  # ||t - v||^2 of unit vectors
+    return torch.stack([torch.exp(-d2 / (2.0 * s * s)) for s in kernel_sigmas]).mean(0)
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Tensor:
+    w = valid.to(x.dtype)
+    return (x * w).sum(dim) / w.sum(dim).clamp_min(1.0)
+
+
+def aggregate_rows(sim: torch.Tensor, row_valid: torch.Tensor, col_valid: torch.Tensor, lam: float):
+    """One direction of partial-related aggregation: per row token, sum_j s_ij softmax_j(lam s_ij) over
+    the valid columns; then the mean over the valid rows. sim (..., R, C), row_valid (..., R),
+    col_valid (..., C) broadcastable -> (...)."""
+    cols = col_valid.unsqueeze(-2)  # (..., 1, C)
+    w = torch.softmax((lam * sim).masked_fill(~cols, NEG), dim=-1) * cols.to(sim.dtype)
+    per_row = (sim * w).sum(-1)  # (..., R)
+    return masked_mean(per_row, row_valid, dim=-1)
+
+
+def partial_aggregate(sim: torch.Tensor, text_valid: torch.Tensor, video_valid: torch.Tensor, lam: float):
+    """Both directions, averaged: sim (Bt, Bv, N, M), text_valid (Bt, N), video_valid (Bv, M) -> (Bt, Bv)."""
+    tv, vv = text_valid[:, None, :], video_valid[None, :, :]  # (Bt, 1, N), (1, Bv, M)
+    t2v = aggregate_rows(sim, tv, vv, lam)
+    v2t = aggregate_rows(sim.transpose(-1, -2), vv, tv, lam)
+    return 0.5 * (t2v + v2t)
+
+
+def score_terms(text: TextTokens, video: VideoTokens, lam: float, kernel_sigmas: tuple[float, ...]):
+    """The three (Bt, Bv) scores: low (cosine), high (Gram), prob (-W2^2), each aggregated over tokens."""
+    t_mu, t_sigma = to_sphere(text.mu, text.sigma)
+    v_mu, v_sigma = to_sphere(video.mu, video.sigma)
+    cos = token_dot(t_mu, v_mu)  # (Bt, Bv, N, M)
+    prob = -wasserstein2(t_mu, t_sigma, v_mu, v_sigma)
+    return {
+        "low": partial_aggregate(cos, text.mask, video.mask, lam),
+        "high": partial_aggregate(gaussian_gram(cos, kernel_sigmas), text.mask, video.mask, lam),
+        "prob": partial_aggregate(prob, text.mask, video.mask, lam),
+    }
+
+
+# ----------------------------------------------------------------------------- towers
+
+
+class GaussianHead(nn.Module):
+    """Token states -> (mu, sigma); sigma starts near 1, the prior's."""
+
+    def __init__(self, d_in: int, d_out: int, mu: nn.Linear | None = None):
+        super().__init__()
+        self.mu = mu if mu is not None else nn.Linear(d_in, d_out)
+        self.sigma = nn.Linear(d_in, d_out)
+        nn.init.constant_(self.sigma.bias, math.log(math.e - 1.0))  # softplus^-1(1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mu(x), F.softplus(self.sigma(x)) + 1e-4
+
+
+class VideoTower(nn.Module):
+    """Frame features (B, M, F) + mask -> temporal Transformer -> frame states (B, M, C)."""
+
+    def __init__(self, cfg: ProTAConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.frame_dim, cfg.embed_dim)
+        self.pos = nn.Embedding(cfg.max_frames, cfg.embed_dim)
+        self.blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.temporal_heads, cfg.dropout) for _ in range(cfg.temporal_layers)
+        )
+        self.ln = nn.LayerNorm(cfg.embed_dim)
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(frames.shape[1], device=frames.device)
+        x = self.proj(frames) + self.pos(positions).unsqueeze(0)  # (B, M, C)
+        padding = ~mask & mask.any(dim=1, keepdim=True)  # a video with no valid frame attends to all: no NaN
+        for block in self.blocks:
+            x = block(x, padding)
+        return self.ln(x)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class ProTA(nn.Module):
+    def __init__(self, cfg: ProTAConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0 or cfg.frame_dim <= 0:
+            raise ValueError(
+                f"ProTAConfig.vocab_size ({cfg.vocab_size}) and frame_dim ({cfg.frame_dim}) must be set "
+                "from the tokenizer and the data"
+            )
+        self.cfg = cfg
+        self.text = TextTower(
+            cfg.vocab_size,
+            cfg.word_dim,
+            cfg.text_heads,
+            cfg.text_layers,
+            cfg.max_tokens,
+            cfg.dropout,
+            cfg.embed_dim,
+        )
+        self.text_head = GaussianHead(cfg.word_dim, cfg.embed_dim, mu=self.text.proj)  # reuse: no dead params
+        self.video = VideoTower(cfg)
+        self.video_head = GaussianHead(cfg.embed_dim, cfg.embed_dim)
+
+    def encode_text(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> TextTokens:
+        """(B, N) int64 ids right-padded with 0, (B,) int64 lengths -> token Gaussians + global embedding."""
+        states, valid = self.text.tokens(input_ids, lengths)  # (B, N, C), (B, N)
+        mu, sigma = self.text_head(states)  # (B, N, D) each
+        return TextTokens(F.normalize(masked_mean(mu, valid.unsqueeze(-1), 1), dim=-1), mu, sigma, valid)
+
+    def encode_video(self, frames: torch.Tensor, mask: torch.Tensor) -> VideoTokens:
+        """(B, M, F) float32 frame features, (B, M) bool mask (True = real frame) -> the same for frames."""
+        mu, sigma = self.video_head(self.video(frames, mask))  # (B, M, D) each
+        return VideoTokens(F.normalize(masked_mean(mu, mask.unsqueeze(-1), 1), dim=-1), mu, sigma, mask)
+
+    def pair_scores(self, text: TextTokens, video: VideoTokens) -> torch.Tensor:
+        """(Bt, Bv) token-level score of every text against every video; higher = closer."""
+        cfg = self.cfg
+        terms = score_terms(text, video, cfg.lam, cfg.kernel_sigmas)
+        return cfg.w_low * terms["low"] + cfg.w_high * terms["high"] + cfg.w_prob * terms["prob"]
+
+    def forward(self, frames, mask, input_ids, lengths) -> torch.Tensor:
+        """(B_txt, B_vid) scores."""
+        return self.pair_scores(self.encode_text(input_ids, lengths), self.encode_video(frames, mask))
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def kl_to_standard(mu: torch.Tensor, sigma: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) per token, summed over dims, averaged over valid tokens."""
+    kl = 0.5 * (sigma * sigma + mu * mu - 1.0 - 2.0 * torch.log(sigma)).sum(-1)  # (B, T)
+    return masked_mean(kl, valid, dim=-1).mean()
+
+
+class ProTALoss(nn.Module):
+    """Symmetric InfoNCE with an uncertainty-adaptive margin on the positives, + beta * KL."""
+
+    def __init__(self, tau: float = 0.05, margin: float = 0.1, beta: float = 1e-3):
+        super().__init__()
+        self.nce = InfoNCE(tau)
+        self.margin, self.beta = margin, beta
+
+    def forward(
+        self,
+        scores: torch.Tensor,
+        text: TextTokens,
+        video: VideoTokens,
+        pos_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pos = default_pos_mask(scores, pos_mask)
+        t_unc = masked_mean(text.sigma.mean(-1), text.mask, dim=-1)  # (Bt,)
+        v_unc = masked_mean(video.sigma.mean(-1), video.mask, dim=-1)  # (Bv,)
+        margins = self.margin * 0.5 * (t_unc[:, None] + v_unc[None, :]) * pos.to(scores.dtype)  # (Bt, Bv)
+        nce = self.nce(scores - margins, pos)
+        kl = 0.5 * (
+            kl_to_standard(text.mu, text.sigma, text.mask) + kl_to_standard(video.mu, video.sigma, video.mask)
+        )
+        loss = nce + self.beta * kl
+        parts = {"nce": nce.detach(), "kl": kl.detach(), "margin": margins.sum().detach() / pos.sum()}
+        return loss, parts
+
+
+# ----------------------------------------------------------------------------- exportable parts
+
+# The tensor names, dtypes and dynamic dims of these parts are in export/iospec.py
+# (video_text_encoder_spec(tokens=True), prota_video_encoder_spec, prota_pair_scorer_spec).
+
+
+class ProTATextEncoder(nn.Module):
+    """(input_ids, lengths) -> (text_embedding (B, D), text_mu (B, N, D), text_sigma (B, N, D))."""
+
+    def __init__(self, model: ProTA):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor):
+        t = self.model.encode_text(input_ids, lengths)
+        return t.embedding, t.mu, t.sigma
+
+
+class ProTAVideoEncoder(nn.Module):
+    """(frames (B, M, F), frame_mask (B, M) bool) -> (video_embedding, video_mu, video_sigma)."""
+
+    def __init__(self, model: ProTA):
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor):
+        v = self.model.encode_video(frames, frame_mask)
+        return v.embedding, v.mu, v.sigma
+
+
+class ProTAPairScorer(nn.Module):
+    """Re-ranks a shortlist of K videos for one query: token Gaussians of both -> scores (K,)."""
+
+    def __init__(self, model: ProTA):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text_mu, text_sigma, lengths, video_mu, video_sigma, frame_mask) -> torch.Tensor:
+        text_valid = torch.arange(text_mu.shape[1], device=text_mu.device).unsqueeze(0) < lengths.unsqueeze(1)
+        text = TextTokens(None, text_mu, text_sigma, text_valid)
+        video = VideoTokens(None, video_mu, video_sigma, frame_mask)
+        return self.model.pair_scores(text, video).squeeze(0)  # (1, K) -> (K,)
