@@ -35,80 +35,146 @@ class Target(str, Enum):
     gpu = "gpu"
 
 
+MODELS = {"rvse": "shapes", "visern": "moving-shapes", "prota": "moving-shapes"}  # model -> default data
+
+
 @app.command()
 def train(
-    model: str = typer.Argument("rvse", help="model family (rvse)"),
-    data: str = typer.Option("shapes", help="dataset: shapes | precomputed"),
-    data_root: Path | None = typer.Option(None, help="folder of the precomputed-features format"),
+    model: str = typer.Argument("rvse", help="model family: rvse (image-text) | visern | prota (text-video)"),
+    data: str | None = typer.Option(
+        None, help="rvse: shapes | precomputed; video: moving-shapes | video-features (default per model)"
+    ),
+    data_root: Path | None = typer.Option(None, help="folder of the precomputed / per-video feature format"),
     epochs: int = typer.Option(10, min=1),
-    batch_size: int = typer.Option(128, min=2),
-    lr: float = typer.Option(2e-3),
+    batch_size: int | None = typer.Option(None, min=2, help="default 128 (rvse), 64 (video)"),
+    lr: float | None = typer.Option(None, help="default 2e-3 (rvse), 1e-3 (video)"),
     loss: str = typer.Option("triplet_hn", help="training objective: a key of xmr.models.losses.LOSSES"),
     relevance: str = typer.Option(
         "lexical", help="continuous labels for kendall/bcls/listwise: lexical|minilm"
     ),
     seed: int = typer.Option(0),
-    n_train: int | None = typer.Option(None, help="use only the first N training images"),
-    n_eval: int | None = typer.Option(None, help="use only the first N val/test images"),
-    out: Path = typer.Option(Path("runs/rvse"), help="run folder to write"),
+    n_train: int | None = typer.Option(None, help="use only the first N training items"),
+    n_eval: int | None = typer.Option(None, help="use only the first N val/test items"),
+    out: Path | None = typer.Option(None, help="run folder to write (default runs/MODEL)"),
 ):
     """Train a model and write OUT/{model.safetensors, config.json, tokenizer.json, metrics.json}."""
-    from xmr.models.train import TrainConfig
-    from xmr.models.train import train as run_training
+    if model not in MODELS:
+        raise InputError(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
+    out = out or Path("runs") / model
+    data = data or MODELS[model]
+    root = str(data_root) if data_root else None
+    if model == "rvse":
+        from xmr.models.train import TrainConfig
+        from xmr.models.train import train as run_training
 
-    if model != "rvse":
-        raise InputError(f"unknown model {model!r}; valid: rvse")
-    cfg = TrainConfig(
-        data=data,
-        data_root=str(data_root) if data_root else None,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        loss=loss,
-        relevance=relevance,
-        seed=seed,
-        n_train=n_train,
-        n_eval=n_eval,
-    )
-    metrics = run_training(cfg, out)
-    _print_recall({"PyTorch (test)": metrics["test"]})
+        cfg = TrainConfig(
+            data=data,
+            data_root=root,
+            epochs=epochs,
+            batch_size=batch_size or 128,
+            lr=lr or 2e-3,
+            loss=loss,
+            relevance=relevance,
+            seed=seed,
+            n_train=n_train,
+            n_eval=n_eval,
+        )
+        metrics = run_training(cfg, out)
+    else:
+        from xmr.models.train_video import VideoTrainConfig, train_video
+
+        cfg = VideoTrainConfig(
+            model=model,
+            data=data,
+            data_root=root,
+            epochs=epochs,
+            batch_size=batch_size or 64,
+            lr=lr or 1e-3,
+            loss=loss,
+            seed=seed,
+            n_train=n_train,
+            n_eval=n_eval,
+        )
+        metrics = train_video(cfg, out)
+    _print_recall({"PyTorch (test)": metrics["test"]}, item="image" if model == "rvse" else "video")
     console.print(f"wrote {out}")
 
 
 @app.command("eval")
 def evaluate_cmd(run: Path, split: str = typer.Option("test", help="split to score")):
-    """Print and write (RUN/eval_SPLIT.json) Recall@1/5/10 both directions and rSum."""
+    """Print and write (RUN/eval_SPLIT.json) Recall@1/5/10 both directions, rSum, median and mean rank."""
     from xmr.models.checkpoint import load_run, write_json
-    from xmr.models.data import load_split
-    from xmr.models.evaluate import evaluate
 
     model, tokenizer, config = load_run(run)
     tc = config["train_config"]
-    data = load_split(tc["data"], split, root=tc.get("data_root"))
-    if tc.get("n_eval"):
+    if config["model"] == "rvse":
+        from xmr.models.data import load_split
+        from xmr.models.evaluate import evaluate
         from xmr.models.train import subset
 
-        data = subset(data, tc["n_eval"])
-    metrics = evaluate(model, tokenizer, data)
+        data = load_split(tc["data"], split, root=tc.get("data_root"))
+        data = subset(data, tc["n_eval"]) if tc.get("n_eval") else data
+        metrics = evaluate(model, tokenizer, data)
+    else:
+        from xmr.models.train_video import VideoTrainConfig, evaluate_video, load_splits
+
+        splits = load_splits(VideoTrainConfig(**tc))
+        roles = {"train": "train", "val": "val", "test": "test"}
+        if split not in roles:
+            raise InputError(f"unknown split {split!r}; valid: {', '.join(roles)}")
+        metrics = evaluate_video(model, tokenizer, splits[roles[split]])
     write_json(run / f"eval_{split}.json", metrics)
-    _print_recall({f"PyTorch ({split})": metrics})
+    _print_recall({f"PyTorch ({split})": metrics}, item="video" if config["model"] != "rvse" else "image")
+    console.print(
+        f"median rank: i2t {metrics['i2t_medr']:.1f}, t2i {metrics['t2i_medr']:.1f}; "
+        f"mean rank: i2t {metrics['i2t_meanr']:.1f}, t2i {metrics['t2i_meanr']:.1f}"
+    )
+
+
+class CustomOps(str, Enum):
+    standard = "standard"
+    plugin = "plugin"
 
 
 @app.command()
-def export(run: Path, out: Path = typer.Option(Path("artifacts/rvse"), help="artifact folder to write")):
+def export(
+    run: Path,
+    out: Path = typer.Option(Path("artifacts/rvse"), help="artifact folder to write"),
+    custom_ops: CustomOps = typer.Option(
+        CustomOps.standard,
+        help="standard: decomposed into standard ONNX ops; plugin: one xmr-domain node per op",
+    ),
+):
     """Export the towers to ONNX with a manifest (I/O specs, sha256, parity vs PyTorch)."""
+    from xmr.models.checkpoint import read_run_config
+
+    if read_run_config(run)["model"] != "rvse":
+        from xmr.export.video_export import export_video_run
+
+        manifest = export_video_run(run, out, custom_ops.value)
+        parity = manifest["parity"]
+        for graph, outputs in parity.items():
+            if isinstance(outputs, dict) and graph.endswith(("encoder", "scorer")):
+                for name, p in outputs.items():
+                    console.print(
+                        f"{graph}/{name}: max abs err {p['max_abs_err']:.2e}, "
+                        f"min cosine {p['min_cosine']:.6f}"
+                    )
+        console.print(f"xmr-domain nodes: {manifest['xmr_nodes']}  (checked with {parity['runtime']})")
+        _print_recall(
+            {"PyTorch": parity["recall"]["pytorch"], "ONNX": parity["recall"]["onnx"]}, item="video"
+        )
+        console.print(f"wrote {out}")
+        return
     from xmr.export.onnx_export import export_run
 
     manifest = export_run(run, out)
     parity = manifest["parity"]
-    console.print(
-        f"image tower: max abs err {parity['image_encoder']['max_abs_err']:.2e}, "
-        f"min cosine {parity['image_encoder']['min_cosine']:.6f}"
-    )
-    console.print(
-        f"text tower:  max abs err {parity['text_encoder']['max_abs_err']:.2e}, "
-        f"min cosine {parity['text_encoder']['min_cosine']:.6f}"
-    )
+    for tower in ("image_encoder", "text_encoder"):
+        console.print(
+            f"{tower}: max abs err {parity[tower]['max_abs_err']:.2e}, "
+            f"min cosine {parity[tower]['min_cosine']:.6f}"
+        )
     _print_recall({"PyTorch": parity["recall"]["pytorch"], "ONNX Runtime": parity["recall"]["onnxruntime"]})
     console.print(f"wrote {out}")
 
@@ -231,10 +297,10 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _print_recall(rows: dict[str, dict[str, float]]) -> None:
+def _print_recall(rows: dict[str, dict[str, float]], item: str = "image") -> None:
     from xmr.clients.report import recall_table
 
-    console.print(recall_table(rows))
+    console.print(recall_table(rows, item=item))
 
 
 def main() -> None:

@@ -9,11 +9,17 @@ from rich.table import Table
 COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
 
 
-def recall_table(rows: dict[str, dict[str, float]], title: str = "Recall@K (%)") -> Table:
+def recall_table(
+    rows: dict[str, dict[str, float]], title: str = "Recall@K (%)", item: str = "image"
+) -> Table:
+    """One row per backend; i2t / t2i read as v2t / t2v when the items are videos."""
     table = Table(title=title)
     table.add_column("backend")
+    short = {"image": "i", "video": "v"}[item]
     for c in COLUMNS:
-        table.add_column(c.replace("_", " "), justify="right")
+        table.add_column(
+            c.replace("i2t", f"{short}2t").replace("t2i", f"t2{short}").replace("_", " "), justify="right"
+        )
     for name, metrics in rows.items():
         table.add_row(name, *(f"{metrics[c]:.1f}" if c in metrics else "-" for c in COLUMNS))
     return table

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from xmr.models.checkpoint import save_run
 from xmr.models.data.video import VideoFeatures, load_video_split
+from xmr.models.data.video_backbone import BackboneConfig
 from xmr.models.errors import InputError
 from xmr.models.losses import make_loss
 from xmr.models.metrics import retrieval_metrics
@@ -47,10 +48,12 @@ class VideoTrainConfig:
     grad_clip: float = 2.0
     seed: int = 0
     data_overrides: dict | None = None  # MovingShapesConfig fields (tests use tiny splits)
+    backbone_steps: int | None = None  # frame-backbone pre-training steps (None: BackboneConfig's default)
 
 
 def load_splits(cfg: VideoTrainConfig) -> dict[str, VideoFeatures]:
     names = SPLIT_NAMES.get(cfg.data, SPLIT_NAMES["moving-shapes"])
+    backbone = BackboneConfig(steps=cfg.backbone_steps) if cfg.backbone_steps else None
     splits = {}
     for role, name, n in zip(
         ("train", "val", "test"), names, (cfg.n_train, cfg.n_eval, cfg.n_eval), strict=True

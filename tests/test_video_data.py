@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from xmr.models.data import video
 from xmr.models.data.moving_shapes import MomentQuery, MovingShapesConfig, draw_videos, make_moving_shapes
@@ -33,6 +34,16 @@ from xmr.models.errors import InputError
 TINY = dict(n_train=64, n_val=16, n_test=16)
 CFG = MovingShapesConfig(**TINY)
 BACKBONE = BackboneConfig(steps=40, batch_size=32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on this 2-core box, 2 threads with the other core busy make the tiny
+    pre-training ~40x slower (33 s instead of 0.8 s); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -107,15 +118,23 @@ def test_backbone_pretraining_reduces_the_loss(val: VideoFeatures, cache: Path) 
 
 
 def test_a_colour_change_moves_features_more_than_a_repaint(val: VideoFeatures, cache: Path) -> None:
-    backbone = load_backbone(_backbone_folder(cache))
-    (obj, *_), n = make_moving_shapes("val", CFG).objects[0], CFG.n_frames
-    obj = dataclasses.replace(obj, event="none", event_frame=-1, new_colour=None, start_frame=0, end_frame=n)
-    other = next(c for c in ("red", "blue") if c != obj.colour)
-    red = draw_videos([[obj]], n, CFG.image_size, seed=1)
-    red_again = draw_videos([[obj]], n, CFG.image_size, seed=1)  # identical pixels
-    blue = draw_videos([[dataclasses.replace(obj, colour=other)]], n, CFG.image_size, seed=1)
-    a, b, c = (extract_regions(backbone, v)[0, 0] for v in (red, red_again, blue))
-    assert np.abs(a - c).sum() > 10 * np.abs(a - b).sum() + 1e-3
+    """The same object recoloured vs repainted (another background grey and colour jitter), frame 0 of
+    eight one-object videos: colour is what the backbone was trained to see, the rest is noise."""
+    backbone, n = load_backbone(_backbone_folder(cache)), CFG.n_frames
+    recolour = repaint = 0.0
+    for objs in make_moving_shapes("val", CFG).objects[:8]:
+        obj = dataclasses.replace(
+            objs[0], event="none", event_frame=-1, new_colour=None, start_frame=0, end_frame=n
+        )
+        other = dataclasses.replace(obj, colour="red" if obj.colour != "red" else "blue")
+        first = extract_regions(backbone, draw_videos([[obj]], n, CFG.image_size, seed=1))[0, 0]
+        again = extract_regions(backbone, draw_videos([[obj]], n, CFG.image_size, seed=1))[0, 0]
+        np.testing.assert_array_equal(first, again)  # identical frames, identical features
+        repainted = extract_regions(backbone, draw_videos([[obj]], n, CFG.image_size, seed=2))[0, 0]
+        recoloured = extract_regions(backbone, draw_videos([[other]], n, CFG.image_size, seed=1))[0, 0]
+        repaint += np.abs(first - repainted).sum()
+        recolour += np.abs(first - recoloured).sum()
+    assert recolour > 1.5 * repaint
 
 
 def test_frame_labels_follow_the_metadata() -> None:
