@@ -112,7 +112,9 @@ def chance_rsum(n_videos: int, captions_per_video: int) -> float:
     top k of all n * cpv captions)."""
     n_caps = n_videos * captions_per_video
     t2v = sum(100 * min(k / n_videos, 1) for k in (1, 5, 10))
-    v2t = sum(100 * (1 - math.comb(n_caps - captions_per_video, k) / math.comb(n_caps, k)) for k in (1, 5, 10))
+    v2t = sum(
+        100 * (1 - math.comb(n_caps - captions_per_video, k) / math.comb(n_caps, k)) for k in (1, 5, 10)
+    )
     return t2v + v2t
 
 
