@@ -53,6 +53,18 @@ def score(run: Path, test, labels: np.ndarray) -> dict[str, float]:
     return metrics
 
 
+def previous_rows(path: Path, keep_losses: set[str]) -> list[dict]:
+    """Rows of an earlier run of the losses not rerun now, so `--losses a b` refreshes just those."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [
+            {k: v if k == "loss" else float(v) for k, v in row.items()}
+            for row in csv.DictReader(f)
+            if row["loss"] in keep_losses
+        ]
+
+
 def summary_markdown(rows: list[dict], budget: str) -> str:
     lines = [f"| loss | {' | '.join(COLUMNS)} |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name in LOSSES:
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
 
     test = subset(load_split("shapes", "test"), args.n_eval)
     labels = relevance(test.captions, "lexical")  # (N_img, N_cap) continuous labels for NDCG
-    rows = []
+    rows = previous_rows(args.out / "losses.csv", keep_losses=set(LOSSES) - set(args.losses))
     for name in args.losses:
         for seed in args.seeds:
             cfg = TrainConfig(
@@ -123,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             ) as f:  # rewritten after every run: partial results
                 writer = csv.DictWriter(f, ["loss", "seed", *COLUMNS, "train_s"], extrasaction="ignore")
                 writer.writeheader()
-                writer.writerows(rows)
+                writer.writerows(sorted(rows, key=lambda r: (list(LOSSES).index(r["loss"]), r["seed"])))
     budget = (
         f"{args.epochs} epochs on the first {args.n_train} training images, batch 128, lr 2e-3, "
         f"seeds {args.seeds}; NDCG@10 gains = lexical caption-similarity labels"
