@@ -68,10 +68,79 @@ class RandomWalkGCN(OpRun):
         return (((p @ g) * mask[..., None]).astype(g.dtype),)
 
 
+# ----------------------------------------------------------------------------- DeformSample
+
+
+def _deform_sample_infer(ctx) -> None:
+    """out (B, Q, G, C): element type of `value`, (B, Q, G) from `positions`, C from `value`'s last dim."""
+    value, positions = ctx.get_input_type(0), ctx.get_input_type(2)
+    out = onnx.TypeProto()
+    out.tensor_type.elem_type = value.tensor_type.elem_type
+    v_shape, p_shape = value.tensor_type, positions.tensor_type
+    if v_shape.HasField("shape") and p_shape.HasField("shape"):
+        v_dims, p_dims = v_shape.shape.dim, p_shape.shape.dim
+        want = {4: 4, 6: 5}.get(len(v_dims))
+        if want is None or len(p_dims) != want:
+            raise onnx.shape_inference.InferenceError(
+                f"DeformSample: value rank {len(v_dims)} with positions rank {len(p_dims)}; expected "
+                "value (B, T, G, C) + positions (B, Q, G, P) or (B, T, H, W, G, C) + (B, Q, G, P, 3)"
+            )
+        for dim in (*p_dims[:3], v_dims[-1]):
+            out.tensor_type.shape.dim.add().CopyFrom(dim)
+    ctx.set_output_type(0, out)
+
+
+def _deform_sample_schema() -> OpSchema:
+    param = OpSchema.FormalParameter
+    schema = OpSchema(
+        "DeformSample", DOMAIN, VERSION,
+        doc="Deformable-offsets sampling (CDNet CDD): out[b,q,g] = sum_p weights[b,q,g,p] * value sampled at "
+            "positions[b,q,g,p], linear over clips (value rank 4) or trilinear over (t, y, x) (rank 6), "
+            "align_corners=True on cell centres, zero padding, padded clips (mask False) read as zero.",
+        inputs=[param("value", "T", "(B, T, G, C) or (B, T, H, W, G, C)"),
+                param("mask", "B", "(B, T) valid clips"),
+                param("positions", "T", "(B, Q, G, P) clip units, or (B, Q, G, P, 3) as (t, y, x) cells"),
+                param("weights", "T", "(B, Q, G, P) attention weights")],
+        outputs=[param("out", "T", "(B, Q, G, C)")],
+        type_constraints=[("T", FLOATS, "float tensors"), ("B", ["tensor(bool)"], "mask")],
+    )
+    schema.set_type_and_shape_inference_function(_deform_sample_infer)
+    return schema
+
+
+def _hat(positions: np.ndarray, size: int) -> np.ndarray:
+    """Linear-interpolation weights with zero padding: (..., ) positions -> (..., size) = max(0, 1-|p-i|)."""
+    return np.maximum(0.0, 1.0 - np.abs(positions[..., None] - np.arange(size, dtype=np.float64)))
+
+
+class DeformSample(OpRun):
+    """numpy reference of xmr::DeformSample, as a dense hat-kernel contraction (not a gather).
+
+    Interpolation with zero padding is sum_t v[t] * max(0, 1 - |p - t|); trilinear is the product of the
+    three axes' hats. Cost O(B Q G P T[H W] C): a reference for tests, not for long videos.
+    """
+
+    op_domain = DOMAIN
+
+    def _run(self, value, mask, positions, weights):
+        pos = positions.astype(np.float64)
+        valid = mask.astype(np.float64)[:, None, None, None, :]  # (B, 1, 1, 1, T)
+        w = weights.astype(np.float64)
+        v = value.astype(np.float64)
+        if value.ndim == 4:
+            kt = _hat(pos, value.shape[1]) * valid  # (B, Q, G, P, T)
+            out = np.einsum("bqgp,bqgpt,btgc->bqgc", w, kt, v, optimize=True)
+        else:
+            kt = _hat(pos[..., 0], value.shape[1]) * valid
+            ky, kx = _hat(pos[..., 1], value.shape[2]), _hat(pos[..., 2], value.shape[3])
+            out = np.einsum("bqgp,bqgpt,bqgpy,bqgpx,btyxgc->bqgc", w, kt, ky, kx, v, optimize=True)
+        return (out.astype(value.dtype),)
+
+
 # ----------------------------------------------------------------------------- registry
 
-SCHEMAS = {"RandomWalkGCN": _random_walk_gcn_schema}
-REFERENCE_OPS = [RandomWalkGCN]
+SCHEMAS = {"RandomWalkGCN": _random_walk_gcn_schema, "DeformSample": _deform_sample_schema}
+REFERENCE_OPS = [RandomWalkGCN, DeformSample]
 
 
 def register_schemas() -> None:
@@ -88,6 +157,7 @@ def translation_table() -> dict:
     import onnxscript
     import torch
 
+    import xmr.models.deform_ops  # noqa: F401 - registers torch.ops.xmr.deform_sample
     import xmr.models.graph_ops  # noqa: F401 - registers torch.ops.xmr.random_walk_gcn
 
     register_schemas()
@@ -96,7 +166,13 @@ def translation_table() -> dict:
     def random_walk_gcn(phi, psi, g, mask, affinity: str, eps: float):
         return opset.RandomWalkGCN(phi, psi, g, mask, affinity=affinity, eps=eps)
 
-    return {torch.ops.xmr.random_walk_gcn.default: random_walk_gcn}
+    def deform_sample(value, mask, positions, weights):
+        return opset.DeformSample(value, mask, positions, weights)
+
+    return {
+        torch.ops.xmr.random_walk_gcn.default: random_walk_gcn,
+        torch.ops.xmr.deform_sample.default: deform_sample,
+    }
 
 
 def xmr_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

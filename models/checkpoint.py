@@ -16,6 +16,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from xmr.models.cdnet import CDNet, CDNetConfig
 from xmr.models.errors import InputError
 from xmr.models.prota import ProTA, ProTAConfig
 from xmr.models.rvse import RVSE, RVSEConfig
@@ -24,7 +25,12 @@ from xmr.models.visern import ViSERN, ViSERNConfig
 
 WEIGHTS, CONFIG, TOKENIZER, METRICS = "model.safetensors", "config.json", "tokenizer.json", "metrics.json"
 # model name in config.json -> (model class, its config dataclass)
-MODELS = {"rvse": (RVSE, RVSEConfig), "visern": (ViSERN, ViSERNConfig), "prota": (ProTA, ProTAConfig)}
+MODELS = {
+    "rvse": (RVSE, RVSEConfig),
+    "visern": (ViSERN, ViSERNConfig),
+    "prota": (ProTA, ProTAConfig),
+    "cdnet": (CDNet, CDNetConfig),
+}
 
 
 @contextmanager
@@ -72,7 +78,7 @@ def read_run_config(run: Path) -> dict:
         raise InputError(f"{path} is not valid JSON: {e}") from e
 
 
-def load_run(run: Path) -> tuple[RVSE | ViSERN | ProTA, Tokenizer, dict]:
+def load_run(run: Path) -> tuple[RVSE | ViSERN | ProTA | CDNet, Tokenizer, dict]:
     """(model in eval mode, tokenizer, the run's config dict)."""
     run = Path(run)
     config = read_run_config(run)

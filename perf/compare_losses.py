@@ -58,11 +58,11 @@ def previous_rows(path: Path, keep_losses: set[str]) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [
-            {k: v if k == "loss" else float(v) for k, v in row.items()}
-            for row in csv.DictReader(f)
-            if row["loss"] in keep_losses
-        ]
+        rows = [row for row in csv.DictReader(f) if row["loss"] in keep_losses]
+    return [
+        {k: v if k == "loss" else int(float(v)) if k == "seed" else float(v) for k, v in row.items()}
+        for row in rows
+    ]
 
 
 def summary_markdown(rows: list[dict], budget: str) -> str:

@@ -1,0 +1,169 @@
+"""Train CDNet on MovingShapes moment queries; evaluate with the moment metrics; write a run folder.
+
+Each training item is one (video, moment query) pair; the target is the query's [start, end] window as a
+normalised (center, width) span. Clip t covers [t / fps, (t + 1) / fps); it is "inside" a window when its
+centre is. The state with the best validation R1@0.5 + mIoU is kept; the test split is scored at the end,
+next to a random-span baseline with the same number of predictions per query.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from xmr.models.cdnet import CDNet, CDNetConfig, qsd_losses
+from xmr.models.checkpoint import save_run
+from xmr.models.data.video import VideoFeatures
+from xmr.models.moments import MomentLoss, moment_metrics, postprocess, random_span_baseline
+from xmr.models.tokenizer import TextLimits, encode_batch, train_tokenizer
+from xmr.models.train import lr_at, seed_everything
+from xmr.models.train_video import VideoTrainConfig, load_splits
+
+
+@dataclass
+class MomentTrainConfig:
+    data: str = "moving-shapes"
+    cache_dir: str = "runs/cache"
+    n_train: int | None = None  # first n training videos (each brings its moment queries)
+    n_eval: int | None = None
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    use_grid: bool = False  # trilinear CDD sampling over the 4 x 4 grid of each clip
+    contrast_weight: float = 1.0  # QSD's dual-level contrastive losses
+    seed: int = 0
+    data_overrides: dict | None = None
+    backbone_steps: int | None = None
+
+
+@dataclass
+class MomentItems:
+    """The (video, query) pairs of a split, flattened."""
+
+    video: np.ndarray  # (N,) video index of each query
+    texts: list[str]
+    windows: np.ndarray  # (N, 2) seconds
+    duration: float
+
+
+def moment_items(data: VideoFeatures) -> MomentItems:
+    video, texts, windows = [], [], []
+    for v, queries in enumerate(data.queries):
+        for q in queries:
+            video.append(v)
+            texts.append(q.text)
+            windows.append((q.start, q.end))
+    return MomentItems(np.array(video), texts, np.array(windows, dtype=np.float64),
+                       data.regions.shape[1] / data.fps)
+
+
+def batch_inputs(model: CDNet, data: VideoFeatures, items: MomentItems, idx: np.ndarray, tokenizer, limits):
+    v = items.video[idx]
+    clips = torch.from_numpy(np.ascontiguousarray(data.frames[v]))
+    mask = torch.from_numpy(np.ascontiguousarray(data.mask[v]))
+    ids, lengths = map(torch.from_numpy, encode_batch(tokenizer, [items.texts[i] for i in idx], limits))
+    grid = torch.from_numpy(np.ascontiguousarray(data.grid_features()[v])) if model.cfg.use_grid else None
+    return clips, mask, ids, lengths, grid
+
+
+def targets_of(items: MomentItems, idx: np.ndarray, n_clips: int, fps: float):
+    """(list of (1, 2) normalised cxw targets, (B, T) bool clips inside the window)."""
+    w = items.windows[idx] / items.duration  # (B, 2) normalised
+    cxw = np.stack([(w[:, 0] + w[:, 1]) / 2, w[:, 1] - w[:, 0]], axis=1)
+    targets = [torch.tensor(row[None], dtype=torch.float32) for row in cxw]
+    centres = (np.arange(n_clips) + 0.5) / fps
+    inside = (centres[None] >= items.windows[idx, :1]) & (centres[None] <= items.windows[idx, 1:])
+    return targets, torch.from_numpy(inside)
+
+
+@torch.no_grad()
+def predict(model: CDNet, data: VideoFeatures, items: MomentItems, tokenizer, batch_size: int = 64):
+    """Predictions [start, end, score] per query, best first (the server's post-processing)."""
+    model.eval()
+    limits = TextLimits(max_tokens=model.cfg.max_tokens)
+    predictions = []
+    for i in range(0, len(items.texts), batch_size):
+        idx = np.arange(i, min(i + batch_size, len(items.texts)))
+        clips, mask, ids, lengths, grid = batch_inputs(model, data, items, idx, tokenizer, limits)
+        out = model(clips, mask, ids, lengths, grid)
+        predictions += postprocess(out["spans"], out["logits"], np.full(len(idx), items.duration))
+    return predictions
+
+
+def evaluate_moments(model: CDNet, tokenizer, data: VideoFeatures) -> dict[str, float]:
+    items = moment_items(data)
+    return moment_metrics(predict(model, data, items, tokenizer), [[tuple(w)] for w in items.windows])
+
+
+def random_baseline(data: VideoFeatures, n_per_query: int, seed: int = 0) -> dict[str, float]:
+    items = moment_items(data)
+    predictions = random_span_baseline(np.full(len(items.texts), items.duration), n_per_query, seed)
+    return moment_metrics(predictions, [[tuple(w)] for w in items.windows])
+
+
+def train_moment(cfg: MomentTrainConfig, out: Path) -> dict:
+    seed_everything(cfg.seed)
+    splits = load_splits(VideoTrainConfig(data=cfg.data, cache_dir=cfg.cache_dir, n_train=cfg.n_train,
+                                          n_eval=cfg.n_eval, data_overrides=cfg.data_overrides,
+                                          backbone_steps=cfg.backbone_steps))
+    train_split = splits["train"]
+    items = moment_items(train_split)
+    tokenizer = train_tokenizer(items.texts + train_split.flat_captions())
+    f, k, d = train_split.regions.shape[1:]
+    model = CDNet(CDNetConfig(vocab_size=tokenizer.get_vocab_size(), clip_dim=d, use_grid=cfg.use_grid,
+                              grid=tuple(train_split.grid), max_clips=max(128, f)))
+    limits = TextLimits(max_tokens=model.cfg.max_tokens)
+    criterion = MomentLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(items.texts)
+    steps_per_epoch = max(1, n // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    rng = np.random.default_rng(cfg.seed)
+    best, best_state, history = {"score": -1.0}, None, []
+    start = time.time()
+    bar = tqdm(total=total, desc="train cdnet", unit="step")
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = rng.permutation(n)
+        running = 0.0
+        for i in range(steps_per_epoch):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch * steps_per_epoch + i, total, steps_per_epoch, cfg.lr)
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            clips, mask, ids, lengths, grid = batch_inputs(model, train_split, items, idx, tokenizer, limits)
+            outputs = model(clips, mask, ids, lengths, grid)
+            targets, inside = targets_of(items, idx, f, train_split.fps)
+            loss, _ = criterion(outputs, mask, targets)
+            contrast = qsd_losses(outputs, mask, inside & mask, model.cfg.tau)
+            loss = loss + cfg.contrast_weight * (contrast["video_contrast"] + contrast["clip_contrast"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            running += loss.item()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{running / (i + 1):.3f}")
+        val = evaluate_moments(model, tokenizer, splits["val"])
+        score = val["R1@0.5"] + val["mIoU"]
+        history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, **val})
+        bar.write(f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}  val R1@0.5 {val['R1@0.5']:.1f}  "
+                  f"R1@0.7 {val['R1@0.7']:.1f}  mIoU {val['mIoU']:.1f}")
+        if score > best["score"]:
+            best = {**val, "score": score, "epoch": epoch + 1}
+            best_state = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
+    bar.close()
+    model.load_state_dict(best_state)
+    test = evaluate_moments(model, tokenizer, splits["test"])
+    baseline = random_baseline(splits["test"], n_per_query=model.cfg.num_queries, seed=cfg.seed)
+    metrics = {"test": test, "random_baseline": baseline, "val": best, "history": history,
+               "train_seconds": round(time.time() - start, 1)}
+    meta = {"train_config": asdict(cfg), "data": {"name": cfg.data, "kind": "moments"}}
+    save_run(out, model, tokenizer, meta, metrics, model_name="cdnet")
+    return metrics
