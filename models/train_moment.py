@@ -140,7 +140,7 @@ def train_moment(cfg: MomentTrainConfig, out: Path) -> dict:
             clips, mask, ids, lengths, grid = batch_inputs(model, train_split, items, idx, tokenizer, limits)
             outputs = model(clips, mask, ids, lengths, grid)
             targets, inside = targets_of(items, idx, f, train_split.fps)
-            loss, _ = criterion(outputs, mask, targets)
+            loss, _ = criterion({**outputs, "clip_mask": mask}, targets)
             contrast = qsd_losses(outputs, mask, inside & mask, model.cfg.tau)
             loss = loss + cfg.contrast_weight * (contrast["video_contrast"] + contrast["clip_contrast"])
             opt.zero_grad(set_to_none=True)
