@@ -35,12 +35,15 @@ class Target(str, Enum):
     gpu = "gpu"
 
 
-MODELS = {"rvse": "shapes", "visern": "moving-shapes", "prota": "moving-shapes"}  # model -> default data
+# model -> default data
+MODELS = {"rvse": "shapes", "visern": "moving-shapes", "prota": "moving-shapes", "cdnet": "moving-shapes"}
 
 
 @app.command()
 def train(
-    model: str = typer.Argument("rvse", help="model family: rvse (image-text) | visern | prota (text-video)"),
+    model: str = typer.Argument(
+        "rvse", help="rvse (image-text) | visern | prota (text-video) | cdnet (video moments)"
+    ),
     data: str | None = typer.Option(
         None, help="rvse: shapes | precomputed; video: moving-shapes | video-features (default per model)"
     ),
@@ -56,6 +59,9 @@ def train(
     n_train: int | None = typer.Option(None, help="use only the first N training items"),
     n_eval: int | None = typer.Option(None, help="use only the first N val/test items"),
     out: Path | None = typer.Option(None, help="run folder to write (default runs/MODEL)"),
+    grid: bool = typer.Option(
+        False, help="cdnet: trilinear (t, y, x) sampling over each clip's spatial grid"
+    ),
 ):
     """Train a model and write OUT/{model.safetensors, config.json, tokenizer.json, metrics.json}."""
     if model not in MODELS:
@@ -80,6 +86,23 @@ def train(
             n_eval=n_eval,
         )
         metrics = run_training(cfg, out)
+    elif model == "cdnet":
+        from xmr.models.train_moment import MomentTrainConfig, train_moment
+
+        cfg = MomentTrainConfig(
+            data=data,
+            epochs=epochs,
+            batch_size=batch_size or 32,
+            lr=lr or 5e-4,
+            seed=seed,
+            n_train=n_train,
+            n_eval=n_eval,
+            use_grid=grid,
+        )
+        metrics = train_moment(cfg, out)
+        _print_moments({"CDNet (test)": metrics["test"], "random spans": metrics["random_baseline"]})
+        console.print(f"wrote {out}")
+        return
     else:
         from xmr.models.train_video import VideoTrainConfig, train_video
 
@@ -107,6 +130,28 @@ def evaluate_cmd(run: Path, split: str = typer.Option("test", help="split to sco
 
     model, tokenizer, config = load_run(run)
     tc = config["train_config"]
+    if config["model"] == "cdnet":
+        from xmr.models.train_moment import MomentTrainConfig, evaluate_moments, random_baseline
+        from xmr.models.train_video import VideoTrainConfig, load_splits
+
+        c = MomentTrainConfig(**tc)
+        splits = load_splits(
+            VideoTrainConfig(
+                data=c.data,
+                cache_dir=c.cache_dir,
+                n_train=c.n_train,
+                n_eval=c.n_eval,
+                data_overrides=c.data_overrides,
+                backbone_steps=c.backbone_steps,
+            )
+        )
+        if split not in splits:
+            raise InputError(f"unknown split {split!r}; valid: {', '.join(splits)}")
+        metrics = evaluate_moments(model, tokenizer, splits[split])
+        write_json(run / f"eval_{split}.json", metrics)
+        baseline = random_baseline(splits[split], model.cfg.num_queries, c.seed)
+        _print_moments({f"CDNet ({split})": metrics, "random spans": baseline})
+        return
     if config["model"] == "rvse":
         from xmr.models.data import load_split
         from xmr.models.evaluate import evaluate
@@ -148,6 +193,19 @@ def export(
     """Export the towers to ONNX with a manifest (I/O specs, sha256, parity vs PyTorch)."""
     from xmr.models.checkpoint import read_run_config
 
+    if read_run_config(run)["model"] == "cdnet":
+        from xmr.export.moment_export import export_moment_run
+
+        manifest = export_moment_run(run, out, custom_ops.value)
+        parity = manifest["parity"]
+        for name, p in parity["moment_model"].items():
+            console.print(
+                f"moment_model/{name}: max abs err {p['max_abs_err']:.2e}, min cosine {p['min_cosine']:.6f}"
+            )
+        console.print(f"xmr-domain nodes: {manifest['xmr_nodes']}  (checked with {parity['runtime']})")
+        _print_moments({"PyTorch": parity["moments"]["pytorch"], "ONNX": parity["moments"]["onnx"]})
+        console.print(f"wrote {out}")
+        return
     if read_run_config(run)["model"] != "rvse":
         from xmr.export.video_export import export_video_run
 
@@ -295,6 +353,19 @@ def demo(
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _print_moments(rows: dict[str, dict[str, float]]) -> None:
+    from rich.table import Table
+
+    columns = ("R1@0.5", "R1@0.7", "mAP@0.5", "mAP@0.75", "mAP", "mIoU")
+    table = Table(title="Moment retrieval (%)")
+    table.add_column("model")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *(f"{m[c]:.1f}" for c in columns))
+    console.print(table)
 
 
 def _print_recall(rows: dict[str, dict[str, float]], item: str = "image") -> None:

@@ -50,13 +50,16 @@ def _check_shapes(value: torch.Tensor, mask: torch.Tensor, positions: torch.Tens
     if positions.dim() != want_pos or (want_pos == 5 and positions.shape[-1] != 3):
         raise ValueError(f"positions {tuple(positions.shape)} do not fit value {tuple(value.shape)}")
     if weights.shape != positions.shape[:4]:
-        raise ValueError(f"weights {tuple(weights.shape)} must be positions' (B, Q, G, P) {positions.shape[:4]}")
+        raise ValueError(
+            f"weights {tuple(weights.shape)} must be positions' (B, Q, G, P) {positions.shape[:4]}"
+        )
     if mask.dim() != 2 or mask.dtype != torch.bool:
         raise ValueError(f"mask must be (B, T) bool; got {tuple(mask.shape)} {mask.dtype}")
 
 
-def deform_sample_reference(value: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                            weights: torch.Tensor) -> torch.Tensor:
+def deform_sample_reference(
+    value: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """The op in plain torch (see the module docstring): -> (B, Q, G, C)."""
     _check_shapes(value, mask, positions, weights)
     spatial = value.dim() == 6
@@ -97,8 +100,9 @@ def deform_sample_reference(value: torch.Tensor, mask: torch.Tensor, positions: 
 
 
 @torch.library.custom_op("xmr::deform_sample", mutates_args=())
-def deform_sample_plugin(value: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                         weights: torch.Tensor) -> torch.Tensor:
+def deform_sample_plugin(
+    value: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """The same computation behind an opaque custom op (one node in the exported graph)."""
     return deform_sample_reference(value, mask, positions, weights)
 

@@ -76,10 +76,18 @@ def make_3d(b=2, t=4, h=3, w=5, q=3, g=2, p=4, c=3, seed=1, dtype=torch.float64)
     scale = torch.tensor([t + 2, h + 2, w + 2], dtype=dtype)
     positions = torch.rand(b, q, g, p, 3, generator=gen, dtype=dtype) * scale - 1.5
     corners = torch.tensor(
-        [[-0.3, 0.0, 0.0], [0.0, -0.5, w - 1 + 0.4], [t - 1, h - 1, w - 1], [t - 1 + 0.4, 1.5, 2.25],
-         [1.5, h - 1 + 0.7, -0.2], [-1.0, 1.0, 1.0], [2.0, h, 1.0], [t - 1, 0.5, w - 1]],
+        [
+            [-0.3, 0.0, 0.0],
+            [0.0, -0.5, w - 1 + 0.4],
+            [t - 1, h - 1, w - 1],
+            [t - 1 + 0.4, 1.5, 2.25],
+            [1.5, h - 1 + 0.7, -0.2],
+            [-1.0, 1.0, 1.0],
+            [2.0, h, 1.0],
+            [t - 1, 0.5, w - 1],
+        ],
         dtype=dtype,
-    )  # fmt: skip
+    )
     positions.view(-1, 3)[: len(corners)] = corners
     weights = torch.softmax(torch.randn(b, q, g, p, generator=gen, dtype=dtype), dim=-1)
     return value, mask, positions, weights
@@ -110,10 +118,14 @@ def test_borders_and_zero_padding_1d():
     mask = torch.ones(1, t, dtype=torch.bool)
     pos = torch.tensor([-1.0, -0.5, -0.3, 0.0, 1.25, t - 1, t - 1 + 0.4, t, 7.0], dtype=torch.float64)
     want = torch.tensor([0.0, 0.5, 0.7, 1.0, 2.25, 4.0, 0.6 * 4, 0.0, 0.0], dtype=torch.float64)
-    got = deform_sample(value, mask, pos.view(1, -1, 1, 1), torch.ones(1, len(pos), 1, 1, dtype=torch.float64))
+    got = deform_sample(
+        value, mask, pos.view(1, -1, 1, 1), torch.ones(1, len(pos), 1, 1, dtype=torch.float64)
+    )
     assert torch.allclose(got.view(-1), want)
     mask[0, 0] = False  # a padded first clip reads as zero
-    got = deform_sample(value, mask, pos.view(1, -1, 1, 1), torch.ones(1, len(pos), 1, 1, dtype=torch.float64))
+    got = deform_sample(
+        value, mask, pos.view(1, -1, 1, 1), torch.ones(1, len(pos), 1, 1, dtype=torch.float64)
+    )
     assert torch.allclose(got.view(-1)[:5], torch.tensor([0.0, 0.0, 0.0, 0.0, 2.25], dtype=torch.float64))
 
 
@@ -156,8 +168,14 @@ class TinyCDD(nn.Module):
         offsets = self.offsets(queries).view(b, q, g, p, 3 if self.spatial else 1) * 2.0
         if self.spatial:
             h, w = context.shape[2], context.shape[3]
-            centre = torch.stack([ref.expand(b, q, g, p), ref.new_full((b, q, g, p), (h - 1) / 2),
-                                  ref.new_full((b, q, g, p), (w - 1) / 2)], dim=-1)  # fmt: skip
+            centre = torch.stack(
+                [
+                    ref.expand(b, q, g, p),
+                    ref.new_full((b, q, g, p), (h - 1) / 2),
+                    ref.new_full((b, q, g, p), (w - 1) / 2),
+                ],
+                dim=-1,
+            )
             positions = centre + offsets
         else:
             positions = ref + offsets[..., 0]
@@ -169,10 +187,13 @@ def spec_for(spatial: bool, dim: int) -> ModelSpec:
     context = ("batch", "clips", 3, 4, dim) if spatial else ("batch", "clips", dim)
     return ModelSpec(
         "cdd",
-        inputs=(TensorSpec("context", "float32", context), TensorSpec("clip_mask", "bool", ("batch", "clips")),
-                TensorSpec("queries", "float32", ("batch", "queries", dim))),
+        inputs=(
+            TensorSpec("context", "float32", context),
+            TensorSpec("clip_mask", "bool", ("batch", "clips")),
+            TensorSpec("queries", "float32", ("batch", "queries", dim)),
+        ),
         outputs=(TensorSpec("sampled", "float32", ("batch", "queries", dim)),),
-    )  # fmt: skip
+    )
 
 
 def example_inputs(spatial, dim, b, t, q, seed):
@@ -224,14 +245,18 @@ def test_shape_inference_rejects_mismatched_ranks():
     f = onnx.TensorProto.FLOAT
     node = onnx.helper.make_node("DeformSample", ["v", "m", "p", "w"], ["o"], domain="xmr")
     graph = onnx.helper.make_graph(
-        [node], "g",
-        [onnx.helper.make_tensor_value_info("v", f, ["B", "T", 3, 4, 2, 5]),
-         onnx.helper.make_tensor_value_info("m", onnx.TensorProto.BOOL, ["B", "T"]),
-         onnx.helper.make_tensor_value_info("p", f, ["B", "Q", 2, 4]),
-         onnx.helper.make_tensor_value_info("w", f, ["B", "Q", 2, 4])],
+        [node],
+        "g",
+        [
+            onnx.helper.make_tensor_value_info("v", f, ["B", "T", 3, 4, 2, 5]),
+            onnx.helper.make_tensor_value_info("m", onnx.TensorProto.BOOL, ["B", "T"]),
+            onnx.helper.make_tensor_value_info("p", f, ["B", "Q", 2, 4]),
+            onnx.helper.make_tensor_value_info("w", f, ["B", "Q", 2, 4]),
+        ],
         [onnx.helper.make_tensor_value_info("o", f, None)],
-    )  # fmt: skip
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
-                                                         onnx.helper.make_opsetid("xmr", 1)])  # fmt: skip
+    )
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 18), onnx.helper.make_opsetid("xmr", 1)]
+    )
     with pytest.raises(Exception, match="DeformSample"):
         onnx.shape_inference.infer_shapes(model, strict_mode=True)

@@ -1,0 +1,135 @@
+"""Export a CDNet run to one ONNX graph in either custom-op form, with parity vs PyTorch on moment metrics.
+
+`export_moment_run(run, out, custom_ops)` writes `moment_model.onnx` (clips, clip_mask, input_ids, lengths
+[, grid] -> spans, logits, saliency), `tokenizer.json` and `manifest.json`: I/O spec, sha256, versions, the
+`xmr` nodes, and parity on the test split's moment queries: max abs error / min cosine of each output and
+R1@IoU 0.5/0.7, mAP@0.5/0.75/avg, mIoU of the ONNX outputs (through the same `postprocess` the server
+uses) beside PyTorch's. The standard form runs in ONNX Runtime; the plugin form, whose
+`xmr::DeformSample` nodes no stock runtime has, in the ONNX reference evaluator with our numpy op.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from xmr.export.custom_ops import xmr_nodes
+from xmr.export.iospec import ModelSpec, TensorSpec, text_encoder_spec
+from xmr.export.onnx_export import export_onnx, versions
+from xmr.export.repository import sha256
+from xmr.export.video_export import CUSTOM_OPS, ParityStats, Runner, torch_outputs
+from xmr.models.cdnet import CDNet, GridMomentModel, MomentModel
+from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run, write_json
+from xmr.models.errors import InputError
+from xmr.models.moments import moment_metrics, postprocess
+from xmr.models.tokenizer import TextLimits
+from xmr.models.train_moment import MomentTrainConfig, batch_inputs, moment_items
+from xmr.models.train_video import VideoTrainConfig, load_splits
+
+
+def moment_model_spec(model: CDNet, grid_hw: tuple[int, int]) -> ModelSpec:
+    cfg = model.cfg
+    inputs = [
+        TensorSpec("clips", "float32", ("batch", "clips", cfg.clip_dim)),
+        TensorSpec("clip_mask", "bool", ("batch", "clips")),
+        *text_encoder_spec(cfg.d_model).inputs,
+    ]
+    if cfg.use_grid:
+        inputs.append(TensorSpec("grid", "float32", ("batch", "clips", *grid_hw, cfg.clip_dim)))
+    return ModelSpec(
+        "moment_model",
+        tuple(inputs),
+        (
+            TensorSpec("spans", "float32", ("batch", cfg.num_queries, 2)),
+            TensorSpec("logits", "float32", ("batch", cfg.num_queries)),
+            TensorSpec("saliency", "float32", ("batch", "clips")),
+        ),
+    )
+
+
+def export_moment_run(
+    run: Path, out: Path, custom_ops: str = "standard", parity_queries: int | None = None
+) -> dict:
+    """Export `run`; parity on the test split's queries (the first `parity_queries` of them if set; default
+    all for the standard form, 32 for the reference-evaluated plugin form)."""
+    if custom_ops not in CUSTOM_OPS:
+        raise InputError(f"--custom-ops {custom_ops!r}; valid: {', '.join(CUSTOM_OPS)}")
+    model, tokenizer, config = load_run(Path(run))
+    if not isinstance(model, CDNet):
+        raise InputError(f"{run} holds a {config['model']!r} model; moment export takes cdnet")
+    tc = MomentTrainConfig(**config["train_config"])
+    test = load_splits(
+        VideoTrainConfig(
+            data=tc.data,
+            cache_dir=tc.cache_dir,
+            n_train=tc.n_train,
+            n_eval=tc.n_eval,
+            data_overrides=tc.data_overrides,
+            backbone_steps=tc.backbone_steps,
+        )
+    )["test"]
+    items = moment_items(test)
+    n = parity_queries or (len(items.texts) if custom_ops == "standard" else min(32, len(items.texts)))
+    limits = TextLimits(max_tokens=model.cfg.max_tokens)
+    spec = moment_model_spec(model, test.grid)
+    module = GridMomentModel(model) if model.cfg.use_grid else MomentModel(model)
+    steps = tqdm(total=3, desc=f"export cdnet ({custom_ops})", unit="step")
+    with atomic_dir(Path(out)) as tmp:
+        example = [
+            t for t in batch_inputs(model, test, items, np.arange(2), tokenizer, limits) if t is not None
+        ]
+        export_onnx(module, tuple(example), spec, tmp / "moment_model.onnx", custom_ops)
+        shutil.copy2(Path(run) / TOKENIZER, tmp / "tokenizer.json")
+        steps.update()
+
+        runner, stats = Runner(tmp / "moment_model.onnx", spec, custom_ops), ParityStats()
+        torch_pred, onnx_pred = [], []
+        for i in tqdm(range(0, n, 16), desc="parity", leave=False):
+            idx = np.arange(i, min(i + 16, n))
+            inputs = [t for t in batch_inputs(model, test, items, idx, tokenizer, limits) if t is not None]
+            feeds = {name: t.numpy() for name, t in zip(spec.input_names, inputs, strict=True)}
+            got, want = runner.run(feeds), torch_outputs(module, feeds, spec)
+            stats.add("moment_model", want, got)
+            durations = np.full(len(idx), items.duration)
+            torch_pred += postprocess(want["spans"], want["logits"], durations)
+            onnx_pred += postprocess(got["spans"], got["logits"], durations)
+        steps.update()
+        truth = [[tuple(w)] for w in items.windows[:n]]
+        parity = {
+            **stats.stats,
+            "moments": {
+                "pytorch": moment_metrics(torch_pred, truth),
+                "onnx": moment_metrics(onnx_pred, truth),
+            },
+            "runtime": "onnxruntime" if custom_ops == "standard" else "onnx.reference + xmr numpy ops",
+            "split": f"{test.name}/{test.split}",
+            "n_queries": n,
+        }
+        files = ["moment_model.onnx", "tokenizer.json"]
+        manifest = {
+            "model": "cdnet",
+            "model_config": model.cfg.to_dict(),
+            "run": str(run),
+            "custom_ops": custom_ops,
+            "xmr_nodes": {
+                "moment_model": [x.op_type for x in xmr_nodes(onnx.load(tmp / "moment_model.onnx"))]
+            },
+            "preprocessing": {
+                "clips": "backbone frame features (B, T, D), see models/data/video.py",
+                "duration_s": items.duration,
+                "max_tokens": limits.max_tokens,
+                "postprocess": "xmr.models.moments.postprocess",
+            },
+            "specs": {"moment_model": spec.to_dict()},
+            "files": {f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
+            "versions": versions(),
+            "parity": parity,
+        }
+        write_json(tmp / "manifest.json", manifest)
+        steps.update()
+    steps.close()
+    return manifest
