@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmr.models.deform_ops import deform_sample
+from xmr.models.deform_ops import DeformSampler
 from xmr.models.rvse import Block, TextTower
 
 
@@ -112,7 +112,7 @@ class CDD(nn.Module):
             bias = torch.zeros(g, p, coords)
             bias[..., 0] = torch.atanh(spread / cfg.max_offset).unsqueeze(0)
             self.offsets.bias.copy_(bias.reshape(-1))
-        self.op_form = "standard"  # "plugin": one xmr::DeformSample node per call in the ONNX export
+        self.sampler = DeformSampler()  # its op_form "plugin" exports one xmr::DeformSample node
 
     def forward(self, aligned, context, context_grid, clip_mask, sentence):
         b, t, d = aligned.shape
@@ -132,7 +132,7 @@ class CDD(nn.Module):
                                   torch.full_like(offsets[..., 2], (w - 1) / 2)], dim=-1)
             scale = torch.tensor([self.cfg.max_offset, h / 2, w / 2], dtype=aligned.dtype, device=aligned.device)
             positions = centre + offsets * scale  # (B, T, G, P, 3) in (clips, cells, cells)
-        sampled = deform_sample(value, clip_mask, positions, weights, form=self.op_form)  # (B, T, G, C)
+        sampled = self.sampler(value, clip_mask, positions, weights)  # (B, T, G, C)
         return aligned + self.out(sampled.reshape(b, t, d))
 
 
