@@ -128,9 +128,17 @@ class CDD(nn.Module):
             h, w = self.cfg.grid
             offsets = torch.tanh(self.offsets(cond).reshape(b, t, g, p, 3))
             value = self.value(context_grid).reshape(b, t, h, w, g, d // g)  # (B, T, H, W, G, C)
-            centre = torch.stack([centres.expand(b, t, g, p), torch.full_like(offsets[..., 1], (h - 1) / 2),
-                                  torch.full_like(offsets[..., 2], (w - 1) / 2)], dim=-1)
-            scale = torch.tensor([self.cfg.max_offset, h / 2, w / 2], dtype=aligned.dtype, device=aligned.device)
+            centre = torch.stack(
+                [
+                    centres.expand(b, t, g, p),
+                    torch.full_like(offsets[..., 1], (h - 1) / 2),
+                    torch.full_like(offsets[..., 2], (w - 1) / 2),
+                ],
+                dim=-1,
+            )
+            scale = torch.tensor(
+                [self.cfg.max_offset, h / 2, w / 2], dtype=aligned.dtype, device=aligned.device
+            )
             positions = centre + offsets * scale  # (B, T, G, P, 3) in (clips, cells, cells)
         sampled = self.sampler(value, clip_mask, positions, weights)  # (B, T, G, C)
         return aligned + self.out(sampled.reshape(b, t, d))
@@ -171,8 +179,9 @@ class CDNet(nn.Module):
             raise ValueError("CDNetConfig.vocab_size must be set from the tokenizer (got 0)")
         self.cfg = cfg
         d = cfg.d_model
-        self.text = TextTower(cfg.vocab_size, cfg.word_dim, cfg.heads, cfg.text_layers, cfg.max_tokens, cfg.dropout,
-                              d)
+        self.text = TextTower(
+            cfg.vocab_size, cfg.word_dim, cfg.heads, cfg.text_layers, cfg.max_tokens, cfg.dropout, d
+        )
         self.word_proj = nn.Linear(cfg.word_dim, d)
         self.clip_proj = nn.Sequential(nn.LayerNorm(cfg.clip_dim), nn.Linear(cfg.clip_dim, d))
         self.clip_pos = nn.Embedding(cfg.max_clips, d)
@@ -180,13 +189,21 @@ class CDNet(nn.Module):
         self.cdd = CDD(cfg)
         self.encoder = nn.ModuleList(Block(d, cfg.heads, cfg.dropout) for _ in range(cfg.encoder_layers))
         self.queries = nn.Embedding(cfg.num_queries, d)
-        self.decoder = nn.ModuleList(DecoderLayer(d, cfg.heads, cfg.dropout) for _ in range(cfg.decoder_layers))
+        self.decoder = nn.ModuleList(
+            DecoderLayer(d, cfg.heads, cfg.dropout) for _ in range(cfg.decoder_layers)
+        )
         self.span_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 2))
         self.class_head = nn.Linear(d, 1)
         self.saliency_head = nn.Linear(d, 1)
 
-    def forward(self, clips: torch.Tensor, clip_mask: torch.Tensor, input_ids: torch.Tensor,
-                lengths: torch.Tensor, grid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        clips: torch.Tensor,
+        clip_mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        grid: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """clips (B, T, Dv), clip_mask (B, T) bool, query ids (B, L) + lengths (B,), optional grid
         (B, T, H, W, Dv) -> spans (B, Q, 2) normalised (center, width), logits (B, Q), saliency (B, T),
         align_logit (B, T), and the pooled sentence / aligned video for the contrastive losses."""
@@ -194,7 +211,9 @@ class CDNet(nn.Module):
         states, word_mask = self.text.tokens(input_ids, lengths)  # (B, L, Cw)
         words = self.word_proj(states)  # (B, L, D)
         sentence = masked_mean(words, word_mask)  # (B, D)
-        x = self.clip_proj(clips) + self.clip_pos(torch.arange(t, device=clips.device)).unsqueeze(0)  # (B, T, D)
+        x = self.clip_proj(clips) + self.clip_pos(torch.arange(t, device=clips.device)).unsqueeze(
+            0
+        )  # (B, T, D)
         align_logit, align = self.qsd(x, clip_mask, words, word_mask, sentence)
         aligned, context = x * align.unsqueeze(-1), x * (1 - align).unsqueeze(-1)
         context_grid = None
@@ -220,7 +239,9 @@ class CDNet(nn.Module):
         }
 
 
-def qsd_losses(out: dict, clip_mask: torch.Tensor, inside: torch.Tensor, tau: float) -> dict[str, torch.Tensor]:
+def qsd_losses(
+    out: dict, clip_mask: torch.Tensor, inside: torch.Tensor, tau: float
+) -> dict[str, torch.Tensor]:
     """Dual-level contrastive losses. `inside` (B, T) marks the clips of each query's target span."""
     sim = out["sentence"] @ out["aligned_video"].T / tau  # (B sentences, B videos)
     target = torch.arange(sim.shape[0], device=sim.device)

@@ -29,8 +29,9 @@ AFFINITIES = ("softmax", "relu")
 NEG = -1e9  # finite "minus infinity": a fully padded row gives uniform weights, not NaN
 
 
-def transition_matrix(phi: torch.Tensor, psi: torch.Tensor, mask: torch.Tensor, affinity: str = "softmax",
-                      eps: float = 1e-6) -> torch.Tensor:
+def transition_matrix(
+    phi: torch.Tensor, psi: torch.Tensor, mask: torch.Tensor, affinity: str = "softmax", eps: float = 1e-6
+) -> torch.Tensor:
     """P (N, K, K): row-stochastic over the valid regions of each frame."""
     scores = phi @ psi.transpose(1, 2) / math.sqrt(phi.shape[-1])  # (N, K, K)
     valid_cols = mask.unsqueeze(1)  # (N, 1, K)
@@ -42,16 +43,23 @@ def transition_matrix(phi: torch.Tensor, psi: torch.Tensor, mask: torch.Tensor, 
     raise ValueError(f"affinity={affinity!r}; expected one of {AFFINITIES}")
 
 
-def random_walk_gcn_reference(phi: torch.Tensor, psi: torch.Tensor, g: torch.Tensor, mask: torch.Tensor,
-                              affinity: str = "softmax", eps: float = 1e-6) -> torch.Tensor:
+def random_walk_gcn_reference(
+    phi: torch.Tensor,
+    psi: torch.Tensor,
+    g: torch.Tensor,
+    mask: torch.Tensor,
+    affinity: str = "softmax",
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """The op in plain torch: (N, K, C) x3 + (N, K) bool -> (N, K, C)."""
     out = transition_matrix(phi, psi, mask, affinity, eps) @ g
     return out * mask.unsqueeze(-1).to(out.dtype)
 
 
 @torch.library.custom_op("xmr::random_walk_gcn", mutates_args=())
-def random_walk_gcn_plugin(phi: torch.Tensor, psi: torch.Tensor, g: torch.Tensor, mask: torch.Tensor,
-                           affinity: str, eps: float) -> torch.Tensor:
+def random_walk_gcn_plugin(
+    phi: torch.Tensor, psi: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, affinity: str, eps: float
+) -> torch.Tensor:
     """The same computation behind an opaque custom op (one node in the exported graph)."""
     return random_walk_gcn_reference(phi, psi, g, mask, affinity, eps)
 
@@ -81,8 +89,9 @@ random_walk_gcn_plugin.register_autograd(_backward, setup_context=_setup_context
 OP_FORMS = {"standard": random_walk_gcn_reference, "plugin": random_walk_gcn_plugin}
 
 
-def random_walk_gcn(phi, psi, g, mask, affinity: str = "softmax", eps: float = 1e-6,
-                    form: str = "standard") -> torch.Tensor:
+def random_walk_gcn(
+    phi, psi, g, mask, affinity: str = "softmax", eps: float = 1e-6, form: str = "standard"
+) -> torch.Tensor:
     if form not in OP_FORMS:
         raise ValueError(f"op form {form!r}; valid: {', '.join(OP_FORMS)}")
     return OP_FORMS[form](phi, psi, g, mask, affinity, eps)

@@ -60,8 +60,9 @@ def moment_items(data: VideoFeatures) -> MomentItems:
             video.append(v)
             texts.append(q.text)
             windows.append((q.start, q.end))
-    return MomentItems(np.array(video), texts, np.array(windows, dtype=np.float64),
-                       data.regions.shape[1] / data.fps)
+    return MomentItems(
+        np.array(video), texts, np.array(windows, dtype=np.float64), data.regions.shape[1] / data.fps
+    )
 
 
 def batch_inputs(model: CDNet, data: VideoFeatures, items: MomentItems, idx: np.ndarray, tokenizer, limits):
@@ -110,15 +111,29 @@ def random_baseline(data: VideoFeatures, n_per_query: int, seed: int = 0) -> dic
 
 def train_moment(cfg: MomentTrainConfig, out: Path) -> dict:
     seed_everything(cfg.seed)
-    splits = load_splits(VideoTrainConfig(data=cfg.data, cache_dir=cfg.cache_dir, n_train=cfg.n_train,
-                                          n_eval=cfg.n_eval, data_overrides=cfg.data_overrides,
-                                          backbone_steps=cfg.backbone_steps))
+    splits = load_splits(
+        VideoTrainConfig(
+            data=cfg.data,
+            cache_dir=cfg.cache_dir,
+            n_train=cfg.n_train,
+            n_eval=cfg.n_eval,
+            data_overrides=cfg.data_overrides,
+            backbone_steps=cfg.backbone_steps,
+        )
+    )
     train_split = splits["train"]
     items = moment_items(train_split)
     tokenizer = train_tokenizer(items.texts + train_split.flat_captions())
     f, k, d = train_split.regions.shape[1:]
-    model = CDNet(CDNetConfig(vocab_size=tokenizer.get_vocab_size(), clip_dim=d, use_grid=cfg.use_grid,
-                              grid=tuple(train_split.grid), max_clips=max(128, f)))
+    model = CDNet(
+        CDNetConfig(
+            vocab_size=tokenizer.get_vocab_size(),
+            clip_dim=d,
+            use_grid=cfg.use_grid,
+            grid=tuple(train_split.grid),
+            max_clips=max(128, f),
+        )
+    )
     limits = TextLimits(max_tokens=model.cfg.max_tokens)
     criterion = MomentLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -153,8 +168,10 @@ def train_moment(cfg: MomentTrainConfig, out: Path) -> dict:
         val = evaluate_moments(model, tokenizer, splits["val"])
         score = val["R1@0.5"] + val["mIoU"]
         history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, **val})
-        bar.write(f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}  val R1@0.5 {val['R1@0.5']:.1f}  "
-                  f"R1@0.7 {val['R1@0.7']:.1f}  mIoU {val['mIoU']:.1f}")
+        bar.write(
+            f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}  val R1@0.5 {val['R1@0.5']:.1f}  "
+            f"R1@0.7 {val['R1@0.7']:.1f}  mIoU {val['mIoU']:.1f}"
+        )
         if score > best["score"]:
             best = {**val, "score": score, "epoch": epoch + 1}
             best_state = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
@@ -162,8 +179,13 @@ def train_moment(cfg: MomentTrainConfig, out: Path) -> dict:
     model.load_state_dict(best_state)
     test = evaluate_moments(model, tokenizer, splits["test"])
     baseline = random_baseline(splits["test"], n_per_query=model.cfg.num_queries, seed=cfg.seed)
-    metrics = {"test": test, "random_baseline": baseline, "val": best, "history": history,
-               "train_seconds": round(time.time() - start, 1)}
+    metrics = {
+        "test": test,
+        "random_baseline": baseline,
+        "val": best,
+        "history": history,
+        "train_seconds": round(time.time() - start, 1),
+    }
     meta = {"train_config": asdict(cfg), "data": {"name": cfg.data, "kind": "moments"}}
     save_run(out, model, tokenizer, meta, metrics, model_name="cdnet")
     return metrics

@@ -59,7 +59,12 @@ def load_splits(cfg: VideoTrainConfig) -> dict[str, VideoFeatures]:
         ("train", "val", "test"), names, (cfg.n_train, cfg.n_eval, cfg.n_eval), strict=True
     ):
         split = load_video_split(
-            cfg.data, name, root=cfg.data_root, cache_dir=cfg.cache_dir, **(cfg.data_overrides or {})
+            cfg.data,
+            name,
+            root=cfg.data_root,
+            cache_dir=cfg.cache_dir,
+            backbone=backbone,
+            **(cfg.data_overrides or {}),
         )
         splits[role] = split.subset(n) if n else split
     return splits
