@@ -169,10 +169,12 @@ def evaluate_cmd(run: Path, split: str = typer.Option("test", help="split to sco
             raise InputError(f"unknown split {split!r}; valid: {', '.join(roles)}")
         metrics = evaluate_video(model, tokenizer, splits[roles[split]])
     write_json(run / f"eval_{split}.json", metrics)
-    _print_recall({f"PyTorch ({split})": metrics}, item="video" if config["model"] != "rvse" else "image")
+    item = "image" if config["model"] == "rvse" else "video"
+    _print_recall({f"PyTorch ({split})": metrics}, item=item)
+    x = item[0]  # i2t / t2i read as v2t / t2v for videos
     console.print(
-        f"median rank: i2t {metrics['i2t_medr']:.1f}, t2i {metrics['t2i_medr']:.1f}; "
-        f"mean rank: i2t {metrics['i2t_meanr']:.1f}, t2i {metrics['t2i_meanr']:.1f}"
+        f"median rank: {x}2t {metrics['i2t_medr']:.1f}, t2{x} {metrics['t2i_medr']:.1f}; "
+        f"mean rank: {x}2t {metrics['i2t_meanr']:.1f}, t2{x} {metrics['t2i_meanr']:.1f}"
     )
 
 
