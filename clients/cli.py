@@ -135,16 +135,7 @@ def evaluate_cmd(run: Path, split: str = typer.Option("test", help="split to sco
         from xmr.models.train_video import VideoTrainConfig, load_splits
 
         c = MomentTrainConfig(**tc)
-        splits = load_splits(
-            VideoTrainConfig(
-                data=c.data,
-                cache_dir=c.cache_dir,
-                n_train=c.n_train,
-                n_eval=c.n_eval,
-                data_overrides=c.data_overrides,
-                backbone_steps=c.backbone_steps,
-            )
-        )
+        splits = load_splits(c.video_data())
         if split not in splits:
             raise InputError(f"unknown split {split!r}; valid: {', '.join(splits)}")
         metrics = evaluate_moments(model, tokenizer, splits[split])

@@ -37,14 +37,22 @@ def _same_as_input(index: int):
 def _random_walk_gcn_schema() -> OpSchema:
     param = OpSchema.FormalParameter
     schema = OpSchema(
-        "RandomWalkGCN", DOMAIN, VERSION,
+        "RandomWalkGCN",
+        DOMAIN,
+        VERSION,
         doc="Per-frame random-walk graph aggregation: out = D^-1 A~(phi psi^T / sqrt(C)) g, masked.",
-        inputs=[param("phi", "T", "(N, K, C)"), param("psi", "T", "(N, K, C)"), param("g", "T", "(N, K, C)"),
-                param("mask", "B", "(N, K) valid regions")],
+        inputs=[
+            param("phi", "T", "(N, K, C)"),
+            param("psi", "T", "(N, K, C)"),
+            param("g", "T", "(N, K, C)"),
+            param("mask", "B", "(N, K) valid regions"),
+        ],
         outputs=[param("out", "T", "(N, K, C)")],
         type_constraints=[("T", FLOATS, "float tensors"), ("B", ["tensor(bool)"], "mask")],
-        attributes=[OpSchema.Attribute("affinity", OpSchema.AttrType.STRING, "softmax | relu"),
-                    OpSchema.Attribute("eps", OpSchema.AttrType.FLOAT, "relu affinity floor")],
+        attributes=[
+            OpSchema.Attribute("affinity", OpSchema.AttrType.STRING, "softmax | relu"),
+            OpSchema.Attribute("eps", OpSchema.AttrType.FLOAT, "relu affinity floor"),
+        ],
     )
     schema.set_type_and_shape_inference_function(_same_as_input(2))
     return schema
@@ -93,14 +101,18 @@ def _deform_sample_infer(ctx) -> None:
 def _deform_sample_schema() -> OpSchema:
     param = OpSchema.FormalParameter
     schema = OpSchema(
-        "DeformSample", DOMAIN, VERSION,
+        "DeformSample",
+        DOMAIN,
+        VERSION,
         doc="Deformable-offsets sampling (CDNet CDD): out[b,q,g] = sum_p weights[b,q,g,p] * value sampled at "
-            "positions[b,q,g,p], linear over clips (value rank 4) or trilinear over (t, y, x) (rank 6), "
-            "align_corners=True on cell centres, zero padding, padded clips (mask False) read as zero.",
-        inputs=[param("value", "T", "(B, T, G, C) or (B, T, H, W, G, C)"),
-                param("mask", "B", "(B, T) valid clips"),
-                param("positions", "T", "(B, Q, G, P) clip units, or (B, Q, G, P, 3) as (t, y, x) cells"),
-                param("weights", "T", "(B, Q, G, P) attention weights")],
+        "positions[b,q,g,p], linear over clips (value rank 4) or trilinear over (t, y, x) (rank 6), "
+        "align_corners=True on cell centres, zero padding, padded clips (mask False) read as zero.",
+        inputs=[
+            param("value", "T", "(B, T, G, C) or (B, T, H, W, G, C)"),
+            param("mask", "B", "(B, T) valid clips"),
+            param("positions", "T", "(B, Q, G, P) clip units, or (B, Q, G, P, 3) as (t, y, x) cells"),
+            param("weights", "T", "(B, Q, G, P) attention weights"),
+        ],
         outputs=[param("out", "T", "(B, Q, G, C)")],
         type_constraints=[("T", FLOATS, "float tensors"), ("B", ["tensor(bool)"], "mask")],
     )
@@ -185,4 +197,3 @@ def reference_evaluator(model: onnx.ModelProto | str):
     from onnx.reference import ReferenceEvaluator
 
     return ReferenceEvaluator(model, new_ops=REFERENCE_OPS)
-

@@ -195,16 +195,20 @@ def video_text_encoder_spec(embed_dim: int, tokens: bool = False) -> ModelSpec:
     """Text tower of a video model; `tokens=True` adds ProTA's token Gaussians."""
     outputs = [TensorSpec("text_embedding", "float32", ("batch", embed_dim))]
     if tokens:
-        outputs += [TensorSpec("text_mu", "float32", ("batch", "tokens", embed_dim)),
-                    TensorSpec("text_sigma", "float32", ("batch", "tokens", embed_dim))]
+        outputs += [
+            TensorSpec("text_mu", "float32", ("batch", "tokens", embed_dim)),
+            TensorSpec("text_sigma", "float32", ("batch", "tokens", embed_dim)),
+        ]
     return ModelSpec("text_encoder", text_encoder_spec(embed_dim).inputs, tuple(outputs))
 
 
 def visern_video_encoder_spec(embed_dim: int, regions: int, region_dim: int) -> ModelSpec:
     return ModelSpec(
         "video_encoder",
-        inputs=(TensorSpec("regions", "float32", ("batch", "frames", regions, region_dim)),
-                TensorSpec("frame_mask", "bool", ("batch", "frames"))),
+        inputs=(
+            TensorSpec("regions", "float32", ("batch", "frames", regions, region_dim)),
+            TensorSpec("frame_mask", "bool", ("batch", "frames")),
+        ),
         outputs=(TensorSpec("video_embedding", "float32", ("batch", embed_dim)),),
     )
 
@@ -212,11 +216,15 @@ def visern_video_encoder_spec(embed_dim: int, regions: int, region_dim: int) -> 
 def prota_video_encoder_spec(embed_dim: int, frame_dim: int) -> ModelSpec:
     return ModelSpec(
         "video_encoder",
-        inputs=(TensorSpec("frames", "float32", ("batch", "frames", frame_dim)),
-                TensorSpec("frame_mask", "bool", ("batch", "frames"))),
-        outputs=(TensorSpec("video_embedding", "float32", ("batch", embed_dim)),
-                 TensorSpec("video_mu", "float32", ("batch", "frames", embed_dim)),
-                 TensorSpec("video_sigma", "float32", ("batch", "frames", embed_dim))),
+        inputs=(
+            TensorSpec("frames", "float32", ("batch", "frames", frame_dim)),
+            TensorSpec("frame_mask", "bool", ("batch", "frames")),
+        ),
+        outputs=(
+            TensorSpec("video_embedding", "float32", ("batch", embed_dim)),
+            TensorSpec("video_mu", "float32", ("batch", "frames", embed_dim)),
+            TensorSpec("video_sigma", "float32", ("batch", "frames", embed_dim)),
+        ),
     )
 
 
@@ -224,11 +232,13 @@ def prota_pair_scorer_spec(embed_dim: int) -> ModelSpec:
     """Re-rank a shortlist of K videos for one query with the token-level score."""
     return ModelSpec(
         "pair_scorer",
-        inputs=(TensorSpec("text_mu", "float32", (1, "tokens", embed_dim)),
-                TensorSpec("text_sigma", "float32", (1, "tokens", embed_dim)),
-                TensorSpec("lengths", "int64", (1,)),
-                TensorSpec("video_mu", "float32", ("shortlist", "frames", embed_dim)),
-                TensorSpec("video_sigma", "float32", ("shortlist", "frames", embed_dim)),
-                TensorSpec("frame_mask", "bool", ("shortlist", "frames"))),
+        inputs=(
+            TensorSpec("text_mu", "float32", (1, "tokens", embed_dim)),
+            TensorSpec("text_sigma", "float32", (1, "tokens", embed_dim)),
+            TensorSpec("lengths", "int64", (1,)),
+            TensorSpec("video_mu", "float32", ("shortlist", "frames", embed_dim)),
+            TensorSpec("video_sigma", "float32", ("shortlist", "frames", embed_dim)),
+            TensorSpec("frame_mask", "bool", ("shortlist", "frames")),
+        ),
         outputs=(TensorSpec("scores", "float32", ("shortlist",)),),
     )

@@ -28,7 +28,7 @@ from xmr.models.errors import InputError
 from xmr.models.moments import moment_metrics, postprocess
 from xmr.models.tokenizer import TextLimits
 from xmr.models.train_moment import MomentTrainConfig, batch_inputs, moment_items
-from xmr.models.train_video import VideoTrainConfig, load_splits
+from xmr.models.train_video import load_splits
 
 
 def moment_model_spec(model: CDNet, grid_hw: tuple[int, int]) -> ModelSpec:
@@ -62,16 +62,7 @@ def export_moment_run(
     if not isinstance(model, CDNet):
         raise InputError(f"{run} holds a {config['model']!r} model; moment export takes cdnet")
     tc = MomentTrainConfig(**config["train_config"])
-    test = load_splits(
-        VideoTrainConfig(
-            data=tc.data,
-            cache_dir=tc.cache_dir,
-            n_train=tc.n_train,
-            n_eval=tc.n_eval,
-            data_overrides=tc.data_overrides,
-            backbone_steps=tc.backbone_steps,
-        )
-    )["test"]
+    test = load_splits(tc.video_data())["test"]
     items = moment_items(test)
     n = parity_queries or (len(items.texts) if custom_ops == "standard" else min(32, len(items.texts)))
     limits = TextLimits(max_tokens=model.cfg.max_tokens)

@@ -42,6 +42,17 @@ class MomentTrainConfig:
     data_overrides: dict | None = None
     backbone_steps: int | None = None
 
+    def video_data(self) -> VideoTrainConfig:
+        """The video-data settings, in the form `train_video.load_splits` takes."""
+        return VideoTrainConfig(
+            data=self.data,
+            cache_dir=self.cache_dir,
+            n_train=self.n_train,
+            n_eval=self.n_eval,
+            data_overrides=self.data_overrides,
+            backbone_steps=self.backbone_steps,
+        )
+
 
 @dataclass
 class MomentItems:
@@ -111,16 +122,7 @@ def random_baseline(data: VideoFeatures, n_per_query: int, seed: int = 0) -> dic
 
 def train_moment(cfg: MomentTrainConfig, out: Path) -> dict:
     seed_everything(cfg.seed)
-    splits = load_splits(
-        VideoTrainConfig(
-            data=cfg.data,
-            cache_dir=cfg.cache_dir,
-            n_train=cfg.n_train,
-            n_eval=cfg.n_eval,
-            data_overrides=cfg.data_overrides,
-            backbone_steps=cfg.backbone_steps,
-        )
-    )
+    splits = load_splits(cfg.video_data())
     train_split = splits["train"]
     items = moment_items(train_split)
     tokenizer = train_tokenizer(items.texts + train_split.flat_captions())
