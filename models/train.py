@@ -83,6 +83,23 @@ def make_model_config(split: RetrievalSplit, vocab_size: int, overrides: dict | 
     return cfg
 
 
+class BestState:
+    """The model state with the best validation score so far (early-stopping selection, kept in memory)."""
+
+    def __init__(self):
+        self.score, self.metrics, self.state = float("-inf"), {}, None
+
+    def update(self, model: torch.nn.Module, score: float, metrics: dict, epoch: int) -> None:
+        if score > self.score:
+            self.score, self.metrics = score, {**metrics, "epoch": epoch}
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def restore(self, model: torch.nn.Module) -> dict:
+        """Load the best state into `model`; returns its validation metrics."""
+        model.load_state_dict(self.state)
+        return self.metrics
+
+
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -115,8 +132,7 @@ def train(cfg: TrainConfig, out: Path, model_overrides: dict | None = None) -> d
     )  # drop the last partial batch: hardest negatives need it full
     total = steps_per_epoch * cfg.epochs
     rng = np.random.default_rng(cfg.seed)
-    best = {"rsum": -1.0}
-    best_state = None
+    best = BestState()
     history = []
     start = time.time()
     bar = tqdm(total=total, desc="train", unit="step")
@@ -162,13 +178,16 @@ def train(cfg: TrainConfig, out: Path, model_overrides: dict | None = None) -> d
             f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}  val rSum {val['rsum']:.1f}  "
             f"t2i R@1 {val['t2i_R@1']:.1f}"
         )
-        if val["rsum"] > best["rsum"]:
-            best = {**val, "epoch": epoch + 1}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        best.update(model, val["rsum"], val, epoch + 1)
     bar.close()
-    model.load_state_dict(best_state)
+    best_val = best.restore(model)
     test = evaluate(model, tokenizer, splits["test"])
-    metrics = {"test": test, "val": best, "history": history, "train_seconds": round(time.time() - start, 1)}
+    metrics = {
+        "test": test,
+        "val": best_val,
+        "history": history,
+        "train_seconds": round(time.time() - start, 1),
+    }
     meta = {"train_config": asdict(cfg), "data": {"name": cfg.data, "kind": train_split.kind}}
     save_run(out, model, tokenizer, meta, metrics)
     return metrics

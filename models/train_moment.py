@@ -21,7 +21,7 @@ from xmr.models.checkpoint import save_run
 from xmr.models.data.video import VideoFeatures
 from xmr.models.moments import MomentLoss, moment_metrics, postprocess, random_span_baseline
 from xmr.models.tokenizer import TextLimits, encode_batch, train_tokenizer
-from xmr.models.train import lr_at, seed_everything
+from xmr.models.train import BestState, lr_at, seed_everything
 from xmr.models.train_video import VideoTrainConfig, load_splits
 
 
@@ -143,7 +143,7 @@ def train_moment(cfg: MomentTrainConfig, out: Path) -> dict:
     steps_per_epoch = max(1, n // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     rng = np.random.default_rng(cfg.seed)
-    best, best_state, history = {"score": -1.0}, None, []
+    best, history = BestState(), []
     start = time.time()
     bar = tqdm(total=total, desc="train cdnet", unit="step")
     for epoch in range(cfg.epochs):
@@ -174,17 +174,15 @@ def train_moment(cfg: MomentTrainConfig, out: Path) -> dict:
             f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}  val R1@0.5 {val['R1@0.5']:.1f}  "
             f"R1@0.7 {val['R1@0.7']:.1f}  mIoU {val['mIoU']:.1f}"
         )
-        if score > best["score"]:
-            best = {**val, "score": score, "epoch": epoch + 1}
-            best_state = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
+        best.update(model, score, val, epoch + 1)
     bar.close()
-    model.load_state_dict(best_state)
+    best_val = best.restore(model)
     test = evaluate_moments(model, tokenizer, splits["test"])
     baseline = random_baseline(splits["test"], n_per_query=model.cfg.num_queries, seed=cfg.seed)
     metrics = {
         "test": test,
         "random_baseline": baseline,
-        "val": best,
+        "val": best_val,
         "history": history,
         "train_seconds": round(time.time() - start, 1),
     }

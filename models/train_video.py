@@ -24,7 +24,7 @@ from xmr.models.losses import make_loss
 from xmr.models.metrics import retrieval_metrics
 from xmr.models.prota import ProTA, ProTAConfig, ProTALoss
 from xmr.models.tokenizer import TextLimits, encode_batch, train_tokenizer
-from xmr.models.train import lr_at, seed_everything
+from xmr.models.train import BestState, lr_at, seed_everything
 from xmr.models.visern import ViSERN, ViSERNConfig
 
 VIDEO_MODELS = ("visern", "prota")
@@ -141,7 +141,7 @@ def train_video(cfg: VideoTrainConfig, out: Path, model_overrides: dict | None =
     steps_per_epoch = max(1, n // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     rng = np.random.default_rng(cfg.seed)
-    best, best_state, history = {"rsum": -1.0}, None, []
+    best, history = BestState(), []
     start = time.time()
     bar = tqdm(total=total, desc=f"train {cfg.model}", unit="step")
     for epoch in range(cfg.epochs):
@@ -174,13 +174,16 @@ def train_video(cfg: VideoTrainConfig, out: Path, model_overrides: dict | None =
             f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}  val rSum {val['rsum']:.1f}  "
             f"t2v R@1 {val['t2i_R@1']:.1f}"
         )
-        if val["rsum"] > best["rsum"]:
-            best = {**val, "epoch": epoch + 1}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        best.update(model, val["rsum"], val, epoch + 1)
     bar.close()
-    model.load_state_dict(best_state)
+    best_val = best.restore(model)
     test = evaluate_video(model, tokenizer, splits["test"])
-    metrics = {"test": test, "val": best, "history": history, "train_seconds": round(time.time() - start, 1)}
+    metrics = {
+        "test": test,
+        "val": best_val,
+        "history": history,
+        "train_seconds": round(time.time() - start, 1),
+    }
     meta = {"train_config": asdict(cfg), "data": {"name": cfg.data, "kind": "video"}}
     save_run(out, model, tokenizer, meta, metrics, model_name=cfg.model)
     return metrics
