@@ -63,10 +63,14 @@ class Runner:
         return dict(zip(self.spec.output_names, outs, strict=True))
 
 
-def specs_for(model) -> dict[str, ModelSpec]:
+def specs_for(model, regions_per_frame: int) -> dict[str, ModelSpec]:
+    """The exported graphs' I/O specs; ViSERN's video input has the data's K regions per frame."""
     cfg = model.cfg
     if isinstance(model, ViSERN):
-        return {"text_encoder": video_text_encoder_spec(cfg.embed_dim), "video_encoder": None}
+        return {
+            "text_encoder": video_text_encoder_spec(cfg.embed_dim),
+            "video_encoder": visern_video_encoder_spec(cfg.embed_dim, regions_per_frame, cfg.region_dim),
+        }
     return {
         "text_encoder": video_text_encoder_spec(cfg.embed_dim, tokens=True),
         "video_encoder": prota_video_encoder_spec(cfg.embed_dim, cfg.frame_dim),
@@ -118,11 +122,7 @@ def export_video_run(
     n = parity_videos or (len(split) if custom_ops == "standard" else min(48, len(split)))
     split = split.subset(n)
     limits = TextLimits(max_tokens=model.cfg.max_tokens)
-    specs, modules = specs_for(model), modules_for(model)
-    if specs["video_encoder"] is None:
-        specs["video_encoder"] = visern_video_encoder_spec(
-            model.cfg.embed_dim, split.regions.shape[2], split.regions.shape[3]
-        )
+    specs, modules = specs_for(model, split.regions.shape[2]), modules_for(model)
     texts = split.flat_captions()
     steps = tqdm(total=len(specs) + 2, desc=f"export {config['model']} ({custom_ops})", unit="step")
     with atomic_dir(Path(out)) as tmp:
