@@ -12,6 +12,8 @@ Each op has three faces, kept together here (ONNX's own `onnx/reference/ops` sty
 
 from __future__ import annotations
 
+import atexit
+
 import numpy as np
 import onnx
 from onnx.defs import OpSchema
@@ -156,12 +158,18 @@ REFERENCE_OPS = [RandomWalkGCN, DeformSample]
 
 
 def register_schemas() -> None:
-    """Register every `xmr` schema with onnx (once per process)."""
+    """Register every `xmr` schema with onnx (once per process).
+
+    onnx's C++ registry keeps our Python shape-inference functions; left there, they are destroyed after the
+    interpreter has shut down, which crashes the process at exit (a segmentation fault, seen with onnx 1.22).
+    So each registration is undone at exit, while Python is still alive.
+    """
     for name, make in SCHEMAS.items():
         try:
             onnx.defs.get_schema(name, VERSION, DOMAIN)
         except onnx.defs.SchemaError:
             onnx.defs.register_schema(make())
+            atexit.register(onnx.defs.deregister_schema, name, VERSION, DOMAIN)
 
 
 def translation_table() -> dict:

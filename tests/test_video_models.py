@@ -3,6 +3,8 @@ custom-op forms (standard ONNX ops in ONNX Runtime; `xmr` plugin nodes in the re
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -125,7 +127,8 @@ def test_video_models_train_and_beat_chance(video_runs):
         assert json.loads((run / "config.json").read_text())["model"] == model
         test = metrics["test"]
         assert {"i2t_R@1", "t2i_R@10", "i2t_medr", "t2i_meanr"} <= set(test)
-        assert test["rsum"] > 1.4 * chance, (model, test)  # 2 epochs on 64 videos: about 1.8x measured
+        # 2 epochs on 64 videos, 200-step backbone: measured 1.47x (visern) and 1.9x (prota) chance
+        assert test["rsum"] > 1.25 * chance, (model, test)
 
 
 @pytest.mark.slow
@@ -178,3 +181,9 @@ def test_prota_export_with_pair_scorer(video_runs, tmp_path):
     assert parity["recall"]["pytorch"]["rsum"] == pytest.approx(
         parity["recall"]["onnx"]["rsum"], abs=100 / 16
     )
+
+
+def test_registering_the_xmr_schemas_leaves_a_clean_exit():
+    """onnx keeps the schemas' Python shape-inference functions; the process must still exit with 0."""
+    code = "from xmr.export.custom_ops import register_schemas; register_schemas()"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
