@@ -103,7 +103,7 @@ def video_runs(tmp_path_factory):
             batch_size=16,
             cache_dir=str(root / "cache"),
             data_overrides=TINY_DATA,
-            backbone_steps=40,
+            backbone_steps=200,
         )
         runs[model] = (train_video(cfg, root / model), root / model)
     return runs
