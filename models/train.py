@@ -100,6 +100,17 @@ class BestState:
         return self.metrics
 
 
+def optimizer_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float
+) -> float:
+    """Backward, clip the gradient norm, step; returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.item()
+
+
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -158,11 +169,7 @@ def train(cfg: TrainConfig, out: Path, model_overrides: dict | None = None) -> d
                 loss = loss_fn(sim)
             else:
                 loss = loss_fn(sim, torch.from_numpy(labels.block(idx, caption_idx)))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            running += loss.item()
+            running += optimizer_step(model, opt, loss, cfg.grad_clip)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{running / (i + 1):.3f}")
         val = evaluate(model, tokenizer, splits["val"])

@@ -21,7 +21,7 @@ from xmr.models.checkpoint import save_run
 from xmr.models.data.video import VideoFeatures
 from xmr.models.moments import MomentLoss, moment_metrics, postprocess, random_span_baseline
 from xmr.models.tokenizer import TextLimits, encode_batch, train_tokenizer
-from xmr.models.train import BestState, lr_at, seed_everything
+from xmr.models.train import BestState, lr_at, optimizer_step, seed_everything
 from xmr.models.train_video import VideoTrainConfig, load_splits
 
 
@@ -160,11 +160,7 @@ def train_moment(cfg: MomentTrainConfig, out: Path) -> dict:
             loss, _ = criterion({**outputs, "clip_mask": mask}, targets)
             contrast = qsd_losses(outputs, mask, inside & mask, model.cfg.tau)
             loss = loss + cfg.contrast_weight * (contrast["video_contrast"] + contrast["clip_contrast"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            running += loss.item()
+            running += optimizer_step(model, opt, loss, cfg.grad_clip)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{running / (i + 1):.3f}")
         val = evaluate_moments(model, tokenizer, splits["val"])

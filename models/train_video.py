@@ -24,7 +24,7 @@ from xmr.models.losses import make_loss
 from xmr.models.metrics import retrieval_metrics
 from xmr.models.prota import ProTA, ProTAConfig, ProTALoss
 from xmr.models.tokenizer import TextLimits, encode_batch, train_tokenizer
-from xmr.models.train import BestState, lr_at, seed_everything
+from xmr.models.train import BestState, lr_at, optimizer_step, seed_everything
 from xmr.models.visern import ViSERN, ViSERNConfig
 
 VIDEO_MODELS = ("visern", "prota")
@@ -161,11 +161,7 @@ def train_video(cfg: VideoTrainConfig, out: Path, model_overrides: dict | None =
                 loss, _ = loss_fn(model.pair_scores(text, video), text, video)  # (B texts, B videos)
             else:
                 loss = loss_fn(video @ text.T)  # (B videos, B texts), diagonal positives
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            running += loss.item()
+            running += optimizer_step(model, opt, loss, cfg.grad_clip)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{running / (i + 1):.3f}")
         val = evaluate_video(model, tokenizer, splits["val"])
