@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from xmr.export.custom_ops import xmr_nodes
 from xmr.export.iospec import ModelSpec, TensorSpec, text_encoder_spec
 from xmr.export.onnx_export import export_onnx, versions
-from xmr.export.repository import sha256
+from xmr.export.repository import file_facts
 from xmr.export.video_export import CUSTOM_OPS, ParityStats, Runner, torch_outputs
 from xmr.models.cdnet import CDNet, GridMomentModel, MomentModel
 from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run, write_json
@@ -116,7 +116,7 @@ def export_moment_run(
                 "postprocess": "xmr.models.moments.postprocess",
             },
             "specs": {"moment_model": spec.to_dict()},
-            "files": {f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
+            "files": file_facts(tmp, files),
             "versions": versions(),
             "parity": parity,
         }

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from xmr.export.iospec import ModelSpec, image_text_specs
-from xmr.export.repository import serving_facts, sha256
+from xmr.export.repository import file_facts, serving_facts
 from xmr.export.runtime import OnnxRunner
 from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run, write_json
 from xmr.models.data import load_split
@@ -216,7 +216,7 @@ def export_run(
                 "size": len(onnx_img),
                 "ids": "row index in the split",
             },
-            "files": {f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
+            "files": file_facts(tmp, files),
             "versions": versions(),
             "opset": OPSET,
             "parity": parity,

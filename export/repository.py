@@ -42,6 +42,13 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_facts(folder: Path, files: list[str]) -> dict[str, dict]:
+    """The manifest's `files` entry: sha256 and size of each artifact in `folder`."""
+    return {
+        f: {"sha256": sha256(Path(folder) / f), "bytes": (Path(folder) / f).stat().st_size} for f in files
+    }
+
+
 def read_manifest(artifacts: Path) -> dict:
     path = Path(artifacts) / "manifest.json"
     if not path.is_file():

@@ -32,7 +32,7 @@ from xmr.export.iospec import (
     visern_video_encoder_spec,
 )
 from xmr.export.onnx_export import export_onnx, tensor_parity, versions
-from xmr.export.repository import sha256
+from xmr.export.repository import file_facts
 from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run, write_json
 from xmr.models.data.video import VideoFeatures
 from xmr.models.errors import InputError
@@ -179,7 +179,7 @@ def export_video_run(
                 "tokenizer": "tokenizer.json",
             },
             "specs": {name: spec.to_dict() for name, spec in specs.items()},
-            "files": {f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
+            "files": file_facts(tmp, files),
             "versions": versions(),
             "parity": parity,
         }
