@@ -70,8 +70,8 @@ def train(
     data = data or MODELS[model]
     root = str(data_root) if data_root else None
     if model == "rvse":
-        from xmr.models.train import TrainConfig
-        from xmr.models.train import train as run_training
+        from xmr.models.train.image_text import TrainConfig
+        from xmr.models.train.image_text import train as run_training
 
         cfg = TrainConfig(
             data=data,
@@ -87,7 +87,7 @@ def train(
         )
         metrics = run_training(cfg, out)
     elif model == "cdnet":
-        from xmr.models.train_moment import MomentTrainConfig, train_moment
+        from xmr.models.train.moments import MomentTrainConfig, train_moment
 
         cfg = MomentTrainConfig(
             data=data,
@@ -104,7 +104,7 @@ def train(
         console.print(f"wrote {out}")
         return
     else:
-        from xmr.models.train_video import VideoTrainConfig, train_video
+        from xmr.models.train.video import VideoTrainConfig, train_video
 
         cfg = VideoTrainConfig(
             model=model,
@@ -131,11 +131,11 @@ def evaluate_cmd(run: Path, split: str = typer.Option("test", help="split to sco
     model, tokenizer, config = load_run(run)
     tc = config["train_config"]
     if config["model"] == "cdnet":
-        from xmr.models.train_moment import MomentTrainConfig, evaluate_moments, random_baseline
-        from xmr.models.train_video import VideoTrainConfig, load_splits
+        from xmr.models.evaluate.moments import evaluate_moments, random_baseline
+        from xmr.models.train.moments import MomentTrainConfig
 
         c = MomentTrainConfig(**tc)
-        splits = load_splits(c.video_data())
+        splits = c.video_data().splits()
         if split not in splits:
             raise InputError(f"unknown split {split!r}; valid: {', '.join(splits)}")
         metrics = evaluate_moments(model, tokenizer, splits[split])
@@ -145,16 +145,17 @@ def evaluate_cmd(run: Path, split: str = typer.Option("test", help="split to sco
         return
     if config["model"] == "rvse":
         from xmr.models.data import load_split
-        from xmr.models.evaluate import evaluate
-        from xmr.models.train import subset
+        from xmr.models.evaluate.image_text import evaluate
+        from xmr.models.train.image_text import subset
 
         data = load_split(tc["data"], split, root=tc.get("data_root"))
         data = subset(data, tc["n_eval"]) if tc.get("n_eval") else data
         metrics = evaluate(model, tokenizer, data)
     else:
-        from xmr.models.train_video import VideoTrainConfig, evaluate_video, load_splits
+        from xmr.models.data.video import VideoData
+        from xmr.models.evaluate.video import evaluate_video
 
-        splits = load_splits(VideoTrainConfig(**tc))
+        splits = VideoData.of(tc).splits()
         roles = {"train": "train", "val": "val", "test": "test"}
         if split not in roles:
             raise InputError(f"unknown split {split!r}; valid: {', '.join(roles)}")
@@ -304,7 +305,7 @@ def check(
     from xmr.export.repository import read_manifest
     from xmr.models.checkpoint import load_run
     from xmr.models.data import load_split
-    from xmr.models.evaluate import embed_images, embed_texts
+    from xmr.models.evaluate.image_text import embed_images, embed_texts
 
     manifest = read_manifest(artifacts)
     model, tokenizer, config = load_run(Path(manifest["run"]))

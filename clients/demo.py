@@ -22,7 +22,7 @@ from xmr.export.onnx_export import export_run
 from xmr.export.repository import build_repository
 from xmr.models.checkpoint import WEIGHTS
 from xmr.models.data import load_split
-from xmr.models.train import TrainConfig, train
+from xmr.models.train.image_text import TrainConfig, train
 
 EXAMPLE_QUERIES = (
     "a large red circle to the left of a small blue square",

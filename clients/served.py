@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from xmr.clients.triton_client import XmrClient
 from xmr.models.data.base import RetrievalSplit
-from xmr.models.metrics import KS, retrieval_metrics, t2i_metrics_from_topk
+from xmr.models.evaluate.retrieval import KS, retrieval_metrics, t2i_metrics_from_topk
 
 
 @dataclass

@@ -17,18 +17,19 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from xmr.export.custom_ops import xmr_nodes
 from xmr.export.iospec import ModelSpec, TensorSpec, text_encoder_spec
 from xmr.export.onnx_export import export_onnx, versions
 from xmr.export.repository import file_facts
 from xmr.export.video_export import CUSTOM_OPS, ParityStats, Runner, torch_outputs
-from xmr.models.cdnet import CDNet, GridMomentModel, MomentModel
 from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run, write_json
 from xmr.models.errors import InputError
-from xmr.models.moments import moment_metrics, postprocess
+from xmr.models.evaluate.moment_metrics import moment_metrics
+from xmr.models.moments.cdnet import CDNet, GridMomentModel, MomentModel
+from xmr.models.moments.items import batch_inputs, moment_items
+from xmr.models.moments.postprocess import postprocess
+from xmr.models.ops.onnx_domain import xmr_nodes
 from xmr.models.tokenizer import TextLimits
-from xmr.models.train_moment import MomentTrainConfig, batch_inputs, moment_items
-from xmr.models.train_video import load_splits
+from xmr.models.train.moments import MomentTrainConfig
 
 
 def moment_model_spec(model: CDNet, grid_hw: tuple[int, int]) -> ModelSpec:
@@ -62,7 +63,7 @@ def export_moment_run(
     if not isinstance(model, CDNet):
         raise InputError(f"{run} holds a {config['model']!r} model; moment export takes cdnet")
     tc = MomentTrainConfig(**config["train_config"])
-    test = load_splits(tc.video_data())["test"]
+    test = tc.video_data().splits()["test"]
     items = moment_items(test)
     n = parity_queries or (len(items.texts) if custom_ops == "standard" else min(32, len(items.texts)))
     limits = TextLimits(max_tokens=model.cfg.max_tokens)

@@ -27,9 +27,10 @@ from xmr.export.runtime import OnnxRunner
 from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run, write_json
 from xmr.models.data import load_split
 from xmr.models.data.base import RetrievalSplit
-from xmr.models.evaluate import embed_images, embed_texts, image_inputs
-from xmr.models.metrics import retrieval_metrics
-from xmr.models.rvse import RVSE, ImageEncoder, TextEncoder
+from xmr.models.evaluate.image_text import embed_images, embed_texts
+from xmr.models.evaluate.retrieval import retrieval_metrics
+from xmr.models.image_text.inputs import image_inputs
+from xmr.models.image_text.rvse import RVSE, ImageEncoder, TextEncoder
 from xmr.models.tokenizer import TextLimits, encode_batch
 
 OPSET = 18
@@ -49,8 +50,8 @@ def export_onnx(
     """
     import onnx
 
-    from xmr.export.custom_ops import register_schemas, translation_table
-    from xmr.models.graph_ops import use_op_form
+    from xmr.models.ops import use_op_form
+    from xmr.models.ops.onnx_domain import register_schemas, translation_table
 
     dims: dict[str, torch.export.Dim] = {}
 

@@ -268,7 +268,7 @@ def write_committed_configs(facts: dict, dest: Path = SOURCE) -> list[Path]:
 
 
 if __name__ == "__main__":  # python -m xmr.export.repository: refresh the committed configs
-    from xmr.models.rvse import RVSEConfig
+    from xmr.models.image_text.rvse import RVSEConfig
     from xmr.models.tokenizer import TextLimits
 
     c, lim = RVSEConfig(), TextLimits()

@@ -23,7 +23,6 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
-from xmr.export.custom_ops import reference_evaluator, xmr_nodes
 from xmr.export.iospec import (
     ModelSpec,
     prota_pair_scorer_spec,
@@ -34,14 +33,15 @@ from xmr.export.iospec import (
 from xmr.export.onnx_export import export_onnx, tensor_parity, versions
 from xmr.export.repository import file_facts
 from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run, write_json
-from xmr.models.data.video import VideoFeatures
+from xmr.models.data.video import VideoData, VideoFeatures
 from xmr.models.errors import InputError
-from xmr.models.metrics import retrieval_metrics
-from xmr.models.prota import ProTA, ProTAPairScorer, ProTATextEncoder, ProTAVideoEncoder
+from xmr.models.evaluate.retrieval import retrieval_metrics
+from xmr.models.evaluate.video import similarity
+from xmr.models.ops.onnx_domain import reference_evaluator, xmr_nodes
 from xmr.models.tokenizer import TextLimits, encode_batch
-from xmr.models.train_video import VideoTrainConfig as _Cfg
-from xmr.models.train_video import load_splits, similarity, video_inputs
-from xmr.models.visern import TextEncoder, VideoEncoder, ViSERN
+from xmr.models.video.inputs import video_inputs
+from xmr.models.video.prota import ProTA, ProTAPairScorer, ProTATextEncoder, ProTAVideoEncoder
+from xmr.models.video.visern import TextEncoder, VideoEncoder, ViSERN
 
 CUSTOM_OPS = ("standard", "plugin")
 
@@ -117,8 +117,7 @@ def export_video_run(
     if not isinstance(model, ViSERN | ProTA):
         raise InputError(f"{run} holds a {config['model']!r} model; video export takes visern or prota")
     if split is None:
-        cfg = _Cfg(**config["train_config"])
-        split = load_splits(cfg)["test"]
+        split = VideoData.of(config["train_config"]).splits()["test"]
     n = parity_videos or (len(split) if custom_ops == "standard" else min(48, len(split)))
     split = split.subset(n)
     limits = TextLimits(max_tokens=model.cfg.max_tokens)

@@ -16,12 +16,12 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from xmr.models.cdnet import CDNet, CDNetConfig
 from xmr.models.errors import InputError
-from xmr.models.prota import ProTA, ProTAConfig
-from xmr.models.rvse import RVSE, RVSEConfig
+from xmr.models.image_text.rvse import RVSE, RVSEConfig
+from xmr.models.moments.cdnet import CDNet, CDNetConfig
 from xmr.models.tokenizer import load_tokenizer, save_tokenizer
-from xmr.models.visern import ViSERN, ViSERNConfig
+from xmr.models.video.prota import ProTA, ProTAConfig
+from xmr.models.video.visern import ViSERN, ViSERNConfig
 
 WEIGHTS, CONFIG, TOKENIZER, METRICS = "model.safetensors", "config.json", "tokenizer.json", "metrics.json"
 # model name in config.json -> (model class, its config dataclass)

@@ -22,11 +22,11 @@ import numpy as np
 
 from xmr.models.checkpoint import load_run
 from xmr.models.data import load_split
-from xmr.models.evaluate import embed_images, embed_texts
+from xmr.models.evaluate.image_text import embed_images, embed_texts
+from xmr.models.evaluate.retrieval import retrieval_metrics
+from xmr.models.image_text.relevance import ndcg_at_k, relevance
 from xmr.models.losses import LOSSES
-from xmr.models.metrics import retrieval_metrics
-from xmr.models.relevance import ndcg_at_k, relevance
-from xmr.models.train import TrainConfig, subset, train
+from xmr.models.train.image_text import TrainConfig, subset, train
 
 COLUMNS = (
     "i2t_R@1",

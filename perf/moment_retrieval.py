@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from xmr.export.moment_export import export_moment_run
-from xmr.models.train_moment import MomentTrainConfig, train_moment
+from xmr.models.train.moments import MomentTrainConfig, train_moment
 
 COLUMNS = ("R1@0.5", "R1@0.7", "mAP@0.5", "mAP@0.75", "mAP", "mIoU")
 

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from xmr.export.video_export import export_video_run
-from xmr.models.train_video import VideoTrainConfig, train_video
+from xmr.models.train.video import VideoTrainConfig, train_video
 
 COLUMNS = (
     "t2i_R@1",

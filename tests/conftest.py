@@ -13,7 +13,7 @@ import pytest
 
 from xmr.export.onnx_export import export_run
 from xmr.export.repository import build_repository
-from xmr.models.train import TrainConfig, train
+from xmr.models.train.image_text import TrainConfig, train
 
 HAS_TRITON = (
     importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None

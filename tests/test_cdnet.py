@@ -4,10 +4,10 @@ import onnx
 import pytest
 import torch
 
-from xmr.export.custom_ops import register_schemas, xmr_nodes
 from xmr.export.moment_export import export_moment_run
-from xmr.models.cdnet import CDNet, CDNetConfig, qsd_losses
-from xmr.models.train_moment import MomentTrainConfig, train_moment
+from xmr.models.moments.cdnet import CDNet, CDNetConfig, qsd_losses
+from xmr.models.ops.onnx_domain import register_schemas, xmr_nodes
+from xmr.models.train.moments import MomentTrainConfig, train_moment
 
 TINY_DATA = {"n_train": 64, "n_val": 16, "n_test": 16}
 

@@ -10,7 +10,7 @@ import torch
 
 from xmr.models.checkpoint import atomic_dir, load_run
 from xmr.models.errors import InputError
-from xmr.models.evaluate import embed_texts
+from xmr.models.evaluate.image_text import embed_texts
 
 XMR = str(Path(sys.executable).parent / "xmr")
 

@@ -1,4 +1,4 @@
-"""CDNet's deformable-offsets op (`xmr.models.deform_ops`): the torch reference against a naive loop (1-D and
+"""CDNet's deformable-offsets op (`xmr.models.ops.deform_sample`): the torch reference against a naive loop (1-D and
 trilinear 3-D, zero padding, borders, padded clips), the plugin form against the standard form (values and
 gradients), and both ONNX export forms (standard graph in ONNX Runtime; `xmr::DeformSample` in the
 reference evaluator, on shapes other than the export example)."""
@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from xmr.export.custom_ops import DeformSample, reference_evaluator, register_schemas, xmr_nodes
 from xmr.export.iospec import ModelSpec, TensorSpec
 from xmr.export.onnx_export import export_onnx
-from xmr.models.deform_ops import DeformSampler, deform_sample, deform_sample_reference
+from xmr.models.ops.deform_sample import DeformSampler, deform_sample, deform_sample_reference
+from xmr.models.ops.onnx_domain import DeformSample, reference_evaluator, register_schemas, xmr_nodes
 
 torch.set_num_threads(1)
 

@@ -43,7 +43,7 @@ def test_dynamic_batch_and_length_match_pytorch(tiny_run, tiny_artifacts):
 def test_precomputed_features_train_export_and_serve_specs(precomputed_root, tmp_path):
     from xmr.export.onnx_export import export_run
     from xmr.export.repository import build_repository
-    from xmr.models.train import TrainConfig, train
+    from xmr.models.train.image_text import TrainConfig, train
 
     run = tmp_path / "run"
     train(TrainConfig(data="precomputed", data_root=str(precomputed_root), epochs=1, batch_size=32), run)

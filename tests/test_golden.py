@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xmr.models.rvse import RVSE, RVSEConfig
+from xmr.models.image_text.rvse import RVSE, RVSEConfig
 
 GOLDEN = Path(__file__).parent / "golden" / "rvse.npz"
 

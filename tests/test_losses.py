@@ -19,9 +19,9 @@ from xmr.models.losses import (
     TripletSN,
     UnifiedLoss,
     make_loss,
-    rsc_relevance,
 )
-from xmr.models.mining import sliding_window_pairs
+from xmr.models.losses.listwise import rsc_relevance
+from xmr.models.losses.mining import sliding_window_pairs
 
 # ----------------------------------------------------------------------------- naive references (one anchor)
 

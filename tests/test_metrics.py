@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from xmr.models.metrics import i2t_ranks, retrieval_metrics, t2i_metrics_from_topk, t2i_ranks
+from xmr.models.evaluate.retrieval import i2t_ranks, retrieval_metrics, t2i_metrics_from_topk, t2i_ranks
 
 
 def test_ranks_by_hand():

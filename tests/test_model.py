@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from xmr.models.errors import InputError
-from xmr.models.preprocess import preprocess_images
-from xmr.models.rvse import RVSE, RVSEConfig
+from xmr.models.image_text.preprocess import preprocess_images
+from xmr.models.image_text.rvse import RVSE, RVSEConfig
 
 
 @pytest.fixture(scope="module")

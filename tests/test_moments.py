@@ -11,18 +11,10 @@ from scipy.optimize import linear_sum_assignment
 
 from xmr.models.data.moment_detr import load_moment_split
 from xmr.models.errors import InputError
-from xmr.models.moments import (
-    MomentLoss,
-    generalized_temporal_iou,
-    hungarian_match,
-    moment_metrics,
-    postprocess,
-    random_span_baseline,
-    saliency_hinge,
-    span_cxw_to_xx,
-    span_xx_to_cxw,
-    temporal_iou,
-)
+from xmr.models.evaluate.moment_metrics import moment_metrics, random_span_baseline
+from xmr.models.moments.loss import MomentLoss, hungarian_match, saliency_hinge
+from xmr.models.moments.postprocess import postprocess
+from xmr.models.moments.spans import generalized_temporal_iou, span_cxw_to_xx, span_xx_to_cxw, temporal_iou
 
 torch.set_num_threads(1)
 T = torch.tensor

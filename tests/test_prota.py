@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from xmr.export.iospec import prota_pair_scorer_spec, prota_video_encoder_spec, video_text_encoder_spec
 from xmr.export.onnx_export import export_onnx
-from xmr.models.prota import (
+from xmr.models.video.prota import (
     ProTA,
     ProTAConfig,
     ProTALoss,

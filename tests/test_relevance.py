@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xmr.models import relevance as R
+from xmr.models.image_text import relevance as R
 from xmr.models.data import make_shapes
 from xmr.models.data.shapes import ShapesConfig
 from xmr.models.errors import InputError

@@ -13,7 +13,7 @@ from xmr.clients.triton_client import ServerError, XmrClient
 from xmr.models.checkpoint import load_run
 from xmr.models.data import load_split
 from xmr.models.errors import InputError
-from xmr.models.evaluate import embed_images, embed_texts
+from xmr.models.evaluate.image_text import embed_images, embed_texts
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 XMR = str(Path(sys.executable).parent / "xmr")

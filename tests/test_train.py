@@ -5,9 +5,9 @@ import math
 
 import pytest
 
+from xmr.models.image_text.relevance import minilm_available
 from xmr.models.losses import LOSSES
-from xmr.models.relevance import minilm_available
-from xmr.models.train import TrainConfig, train
+from xmr.models.train.image_text import TrainConfig, train
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))

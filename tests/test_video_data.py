@@ -20,7 +20,9 @@ from xmr.models.data.video import (
     load_video_split,
     squarest_grid,
 )
-from xmr.models.data.video_backbone import (
+from xmr.models.data.video_features import load_video_features
+from xmr.models.errors import InputError
+from xmr.models.video.backbone import (
     N_GLOBAL,
     N_REGION,
     BackboneConfig,
@@ -28,8 +30,6 @@ from xmr.models.data.video_backbone import (
     frame_labels,
     load_backbone,
 )
-from xmr.models.data.video_features import load_video_features
-from xmr.models.errors import InputError
 
 TINY = dict(n_train=64, n_val=16, n_test=16)
 CFG = MovingShapesConfig(**TINY)

@@ -11,11 +11,11 @@ import onnx
 import pytest
 import torch
 
-from xmr.export.custom_ops import reference_evaluator, register_schemas, xmr_nodes
 from xmr.export.video_export import export_video_run
-from xmr.models.graph_ops import random_walk_gcn, random_walk_gcn_reference, transition_matrix
-from xmr.models.train_video import VideoTrainConfig, train_video
-from xmr.models.visern import ViSERN, ViSERNConfig
+from xmr.models.ops.onnx_domain import reference_evaluator, register_schemas, xmr_nodes
+from xmr.models.ops.random_walk_gcn import random_walk_gcn, random_walk_gcn_reference, transition_matrix
+from xmr.models.train.video import VideoTrainConfig, train_video
+from xmr.models.video.visern import ViSERN, ViSERNConfig
 
 TINY_DATA = {"n_train": 64, "n_val": 16, "n_test": 16}
 
@@ -185,5 +185,5 @@ def test_prota_export_with_pair_scorer(video_runs, tmp_path):
 
 def test_registering_the_xmr_schemas_leaves_a_clean_exit():
     """onnx keeps the schemas' Python shape-inference functions; the process must still exit with 0."""
-    code = "from xmr.export.custom_ops import register_schemas; register_schemas()"
+    code = "from xmr.models.ops.onnx_domain import register_schemas; register_schemas()"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

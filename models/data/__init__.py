@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..errors import InputError
-from .base import RetrievalSplit
-from .precomputed import load_precomputed
-from .shapes import ShapesConfig, make_shapes
+from xmr.models.data.base import RetrievalSplit
+from xmr.models.data.precomputed import load_precomputed
+from xmr.models.data.shapes import ShapesConfig, make_shapes
+from xmr.models.errors import InputError
 
 DATASETS = {
     "shapes": make_shapes,  # (split, ShapesConfig) -> pixels

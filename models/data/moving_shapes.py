@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import InputError
-from .shapes import (
+from xmr.models.data.shapes import (
     _RADIUS,
     _SIZE_WORDS,
     COLOUR_NAMES,
@@ -34,6 +33,7 @@ from .shapes import (
     _pick,
     _shape_mask,
 )
+from xmr.models.errors import InputError
 
 
 @dataclass

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from .base import RetrievalSplit
+from xmr.models.data.base import RetrievalSplit
+from xmr.models.errors import InputError
 
 
 def _check_paths(root: Path, split: str) -> tuple[Path, Path]:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import InputError
-from .base import RetrievalSplit
+from xmr.models.data.base import RetrievalSplit
+from xmr.models.errors import InputError
 
 
 @dataclass

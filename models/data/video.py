@@ -23,10 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from .moving_shapes import MomentQuery, MovingShapesConfig, VideoSplit, make_moving_shapes
-from .video_backbone import BackboneConfig, extract_regions, load_backbone, pretrain_backbone, save_backbone
-from .video_features import VideoFeatureSplit, load_video_features
+from xmr.models.data.moving_shapes import MomentQuery, MovingShapesConfig, VideoSplit, make_moving_shapes
+from xmr.models.data.video_features import VideoFeatureSplit, load_video_features
+from xmr.models.errors import InputError
+from xmr.models.video.backbone import (
+    BackboneConfig,
+    extract_regions,
+    load_backbone,
+    pretrain_backbone,
+    save_backbone,
+)
 
 CACHE_VERSION = 1  # bump when the labels, the extraction or the file layout change: old caches go stale
 
@@ -239,3 +245,39 @@ def load_video_split(
         raise InputError(f"unknown video-features option(s) {unknown}; expected only ['max_frames']")
     max_frames = overrides.get("max_frames")
     return from_feature_split(load_video_features(root, split, max_frames), max_frames)
+
+
+@dataclass
+class VideoData:
+    """Which video dataset a run trains and is scored on: the data fields of the video and moment training
+    configs, so export and evaluation reload exactly the splits a run saw."""
+
+    data: str = "moving-shapes"  # a key of VIDEO_DATASETS
+    data_root: str | None = None  # folder of the public per-video feature format
+    cache_dir: str = "runs/cache"  # backbone weights and extracted MovingShapes features
+    n_train: int | None = None  # first n training videos (quick runs, tests)
+    n_eval: int | None = None  # first n val/test videos
+    data_overrides: dict | None = None  # MovingShapesConfig fields (tests use tiny splits)
+    backbone_steps: int | None = None  # frame-backbone pre-training steps (None: BackboneConfig's default)
+
+    @classmethod
+    def of(cls, train_config: dict) -> VideoData:
+        """The data fields of a run's `train_config` (config.json), ignoring the training fields."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in train_config.items() if k in names})
+
+    def splits(self) -> dict[str, VideoFeatures]:
+        """{"train", "val", "test"}, each cut to n_train / n_eval videos when those are set."""
+        backbone = BackboneConfig(steps=self.backbone_steps) if self.backbone_steps else None
+        out = {}
+        for role, n in (("train", self.n_train), ("val", self.n_eval), ("test", self.n_eval)):
+            split = load_video_split(
+                self.data,
+                role,
+                root=self.data_root,
+                cache_dir=self.cache_dir,
+                backbone=backbone,
+                **(self.data_overrides or {}),
+            )
+            out[role] = split.subset(n) if n else split
+        return out

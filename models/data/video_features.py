@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from xmr.models.errors import InputError
 
 CAPTION_FILES = ("captions.json", "captions.jsonl")
 

@@ -7,7 +7,7 @@ Mean and std come from the exported model's manifest (config parameters), throug
 import json
 
 from xmr.export import pb
-from xmr.models.preprocess import preprocess_images
+from xmr.models.image_text.preprocess import preprocess_images
 
 
 class TritonPythonModel:

@@ -17,18 +17,17 @@ import torch
 from tqdm.auto import tqdm
 
 from xmr.models.checkpoint import save_run
-from xmr.models.data.video import VideoFeatures, load_video_split
-from xmr.models.data.video_backbone import BackboneConfig
+from xmr.models.data.video import VideoData, VideoFeatures
 from xmr.models.errors import InputError
+from xmr.models.evaluate.video import evaluate_video
 from xmr.models.losses import make_loss
-from xmr.models.metrics import retrieval_metrics
-from xmr.models.prota import ProTA, ProTAConfig, ProTALoss
 from xmr.models.tokenizer import TextLimits, encode_batch, train_tokenizer
-from xmr.models.train import BestState, lr_at, optimizer_step, seed_everything
-from xmr.models.visern import ViSERN, ViSERNConfig
+from xmr.models.train.loop import BestState, lr_at, optimizer_step, seed_everything
+from xmr.models.video.inputs import video_inputs
+from xmr.models.video.prota import ProTA, ProTAConfig, ProTALoss
+from xmr.models.video.visern import ViSERN, ViSERNConfig
 
 VIDEO_MODELS = ("visern", "prota")
-SPLIT_NAMES = {"moving-shapes": ("train", "val", "test"), "video-features": ("train", "val", "test")}
 
 
 @dataclass
@@ -51,25 +50,6 @@ class VideoTrainConfig:
     backbone_steps: int | None = None  # frame-backbone pre-training steps (None: BackboneConfig's default)
 
 
-def load_splits(cfg: VideoTrainConfig) -> dict[str, VideoFeatures]:
-    names = SPLIT_NAMES.get(cfg.data, SPLIT_NAMES["moving-shapes"])
-    backbone = BackboneConfig(steps=cfg.backbone_steps) if cfg.backbone_steps else None
-    splits = {}
-    for role, name, n in zip(
-        ("train", "val", "test"), names, (cfg.n_train, cfg.n_eval, cfg.n_eval), strict=True
-    ):
-        split = load_video_split(
-            cfg.data,
-            name,
-            root=cfg.data_root,
-            cache_dir=cfg.cache_dir,
-            backbone=backbone,
-            **(cfg.data_overrides or {}),
-        )
-        splits[role] = split.subset(n) if n else split
-    return splits
-
-
 def build_model(name: str, data: VideoFeatures, vocab_size: int, overrides: dict | None = None):
     if name == "visern":
         return ViSERN(
@@ -87,43 +67,9 @@ def build_model(name: str, data: VideoFeatures, vocab_size: int, overrides: dict
     raise InputError(f"unknown video model {name!r}; valid: {', '.join(VIDEO_MODELS)}")
 
 
-def video_inputs(model, data: VideoFeatures, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the model's video tower takes: regions (B, F, K, D) for ViSERN, frames (B, F, D) for ProTA."""
-    mask = torch.from_numpy(np.ascontiguousarray(data.mask[idx]))
-    if isinstance(model, ProTA):
-        return torch.from_numpy(np.ascontiguousarray(data.frames[idx])), mask
-    return torch.from_numpy(np.ascontiguousarray(data.regions[idx])), mask
-
-
-@torch.no_grad()
-def similarity(model, tokenizer, data: VideoFeatures, batch_size: int = 64) -> np.ndarray:
-    """(N_video, N_caption) scores of the PyTorch model: cosine of the global embeddings for ViSERN, the
-    full token-level pair score for ProTA."""
-    model.eval()
-    limits = TextLimits(max_tokens=model.cfg.max_tokens)
-    texts = data.flat_captions()
-    videos = [
-        model.encode_video(*video_inputs(model, data, np.arange(i, min(i + batch_size, len(data)))))
-        for i in range(0, len(data), batch_size)
-    ]
-    captions = [
-        model.encode_text(*map(torch.from_numpy, encode_batch(tokenizer, texts[i : i + batch_size], limits)))
-        for i in range(0, len(texts), batch_size)
-    ]
-    if isinstance(model, ViSERN):
-        return (torch.cat(videos) @ torch.cat(captions).T).numpy()
-    rows = [torch.cat([model.pair_scores(t, v) for v in videos], dim=1) for t in captions]  # (Bt, N_video)
-    return torch.cat(rows).T.numpy()
-
-
-def evaluate_video(model, tokenizer, data: VideoFeatures) -> dict[str, float]:
-    """Recall@1/5/10, median and mean rank, both directions."""
-    return retrieval_metrics(similarity(model, tokenizer, data), data.caption_video_index())
-
-
 def train_video(cfg: VideoTrainConfig, out: Path, model_overrides: dict | None = None) -> dict:
     seed_everything(cfg.seed)
-    splits = load_splits(cfg)
+    splits = VideoData.of(asdict(cfg)).splits()
     train_split = splits["train"]
     tokenizer = train_tokenizer(train_split.flat_captions())
     model = build_model(cfg.model, train_split, tokenizer.get_vocab_size(), model_overrides)

@@ -1,12 +1,13 @@
 """CDNet: cross-modal Context Denoising Network for video moment retrieval.
 
-Paper (abstract only, see ../shared/seeds). What follows the abstract (and SEEDS.md):
+Paper: the CDNet paper (cross-modal Context Denoising Network, QSD + CDD); only its abstract was available.
+What follows the abstract:
 - QSD, query-guided semantic disentanglement: an alignment level per clip from a global (sentence vs clip)
   and a fine-grained (words vs clip, softmax over words) correlation; it splits the video into an aligned
   stream and a context stream; dual-level contrastive losses.
 - CDD, context-aware dynamic denoisement: query-conditioned offsets and weights per clip, G groups x P
   points (8 x 4), sampling the context stream at fractional positions: 1-D over time, or trilinear over
-  (t, y, x) when a spatial grid per clip is given (`deform_ops.deform_sample`, the custom op).
+  (t, y, x) when a spatial grid per clip is given (`xmr.models.ops.deform_sample`, the custom op).
 - A DETR-style moment head (Moment-DETR): learnable moment queries, Hungarian matching, span L1 + gIoU +
   class losses (10 / 1 / 4) and a saliency hinge (models/moments.py).
 
@@ -34,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmr.models.deform_ops import DeformSampler
-from xmr.models.rvse import Block, TextTower
+from xmr.models.image_text.rvse import Block, TextTower
+from xmr.models.ops.deform_sample import DeformSampler
 
 
 @dataclass

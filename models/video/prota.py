@@ -1,6 +1,7 @@
 """ProTA: probabilistic token aggregation for text-video retrieval.
 
-Paper (abstract only, see ../shared/SEEDS.md). What follows the abstract's words:
+Paper: "ProTA: Probabilistic Token Aggregation for Text-Video Retrieval" (only its abstract was available).
+What follows the abstract's words:
 - Dual partial-related aggregation of text tokens and frame tokens, in a low-dimension space (cosine
   similarity of token means) and a high-dimension space (a multi-kernel Gaussian Gram matrix, i.e. an
   RBF feature space): `l(t_i -> v) = sum_j s_ij softmax_j(lam s_ij)`, and v -> t symmetrically.
@@ -43,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xmr.models.image_text.rvse import Block, TextTower
 from xmr.models.losses import InfoNCE
-from xmr.models.mining import default_pos_mask
-from xmr.models.rvse import Block, TextTower
+from xmr.models.losses.mining import default_pos_mask
 
 NEG = -1e4  # finite "minus infinity" for masked logits: a fully masked row gives zeros, never NaN
 

@@ -1,6 +1,6 @@
 """RVSE++: residual visual-semantic embedding for image-text matching.
 
-Paper (abstract only, see ../shared/seeds): "RVSE++ ... residual visual semantic embedding" trained with
+Paper: the RVSE++ paper (only its abstract was available): "residual visual semantic embedding" trained with
 selectively hard negatives (SelHN). What follows the paper's words: an image tower that projects region
 features and adds a *residual* branch to the projected features before pooling, a text tower, a joint
 L2-normalised space scored by cosine similarity.
@@ -16,9 +16,9 @@ Reconstructed (no method section was available), with the defaults chosen here:
   positional encoding of the sorted index. GPO generates the scores with a bi-GRU; we use a 2-layer MLP, which
   is enough for a score per index and exports to plain ONNX ops. `pooling="meanmax"` is the simpler option.
 - Text tower: word embedding + learned positions -> a small pre-norm Transformer with a key-padding mask ->
-  masked mean pooling -> linear -> L2 norm. SEEDS allows a bi-GRU or a small Transformer; the Transformer
-  with a mask makes each caption's embedding independent of how much padding its batch carries, which the
-  served model relies on (the dynamic batcher pads requests together).
+  masked mean pooling -> linear -> L2 norm. Our specification allows a bi-GRU or a small Transformer; the
+  Transformer with a mask makes each caption's embedding independent of how much padding its batch carries,
+  which the served model relies on (the dynamic batcher pads requests together).
 
 Like CLIP, the model exposes `encode_image` and `encode_text`; each tower is exported and served on its
 own, and similarity / top-k live outside the networks.

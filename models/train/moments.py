@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from xmr.models.cdnet import CDNet, CDNetConfig, qsd_losses
 from xmr.models.checkpoint import save_run
-from xmr.models.data.video import VideoFeatures
-from xmr.models.moments import MomentLoss, moment_metrics, postprocess, random_span_baseline
-from xmr.models.tokenizer import TextLimits, encode_batch, train_tokenizer
-from xmr.models.train import BestState, lr_at, optimizer_step, seed_everything
-from xmr.models.train_video import VideoTrainConfig, load_splits
+from xmr.models.data.video import VideoData
+from xmr.models.evaluate.moments import evaluate_moments, random_baseline
+from xmr.models.moments.cdnet import CDNet, CDNetConfig, qsd_losses
+from xmr.models.moments.items import batch_inputs, moment_items, targets_of
+from xmr.models.moments.loss import MomentLoss
+from xmr.models.tokenizer import TextLimits, train_tokenizer
+from xmr.models.train.loop import BestState, lr_at, optimizer_step, seed_everything
 
 
 @dataclass
@@ -42,87 +43,14 @@ class MomentTrainConfig:
     data_overrides: dict | None = None
     backbone_steps: int | None = None
 
-    def video_data(self) -> VideoTrainConfig:
-        """The video-data settings, in the form `train_video.load_splits` takes."""
-        return VideoTrainConfig(
-            data=self.data,
-            cache_dir=self.cache_dir,
-            n_train=self.n_train,
-            n_eval=self.n_eval,
-            data_overrides=self.data_overrides,
-            backbone_steps=self.backbone_steps,
-        )
-
-
-@dataclass
-class MomentItems:
-    """The (video, query) pairs of a split, flattened."""
-
-    video: np.ndarray  # (N,) video index of each query
-    texts: list[str]
-    windows: np.ndarray  # (N, 2) seconds
-    duration: float
-
-
-def moment_items(data: VideoFeatures) -> MomentItems:
-    video, texts, windows = [], [], []
-    for v, queries in enumerate(data.queries):
-        for q in queries:
-            video.append(v)
-            texts.append(q.text)
-            windows.append((q.start, q.end))
-    return MomentItems(
-        np.array(video), texts, np.array(windows, dtype=np.float64), data.regions.shape[1] / data.fps
-    )
-
-
-def batch_inputs(model: CDNet, data: VideoFeatures, items: MomentItems, idx: np.ndarray, tokenizer, limits):
-    v = items.video[idx]
-    clips = torch.from_numpy(np.ascontiguousarray(data.frames[v]))
-    mask = torch.from_numpy(np.ascontiguousarray(data.mask[v]))
-    ids, lengths = map(torch.from_numpy, encode_batch(tokenizer, [items.texts[i] for i in idx], limits))
-    grid = torch.from_numpy(np.ascontiguousarray(data.grid_features()[v])) if model.cfg.use_grid else None
-    return clips, mask, ids, lengths, grid
-
-
-def targets_of(items: MomentItems, idx: np.ndarray, n_clips: int, fps: float):
-    """(list of (1, 2) normalised cxw targets, (B, T) bool clips inside the window)."""
-    w = items.windows[idx] / items.duration  # (B, 2) normalised
-    cxw = np.stack([(w[:, 0] + w[:, 1]) / 2, w[:, 1] - w[:, 0]], axis=1)
-    targets = [torch.tensor(row[None], dtype=torch.float32) for row in cxw]
-    centres = (np.arange(n_clips) + 0.5) / fps
-    inside = (centres[None] >= items.windows[idx, :1]) & (centres[None] <= items.windows[idx, 1:])
-    return targets, torch.from_numpy(inside)
-
-
-@torch.no_grad()
-def predict(model: CDNet, data: VideoFeatures, items: MomentItems, tokenizer, batch_size: int = 64):
-    """Predictions [start, end, score] per query, best first (the server's post-processing)."""
-    model.eval()
-    limits = TextLimits(max_tokens=model.cfg.max_tokens)
-    predictions = []
-    for i in range(0, len(items.texts), batch_size):
-        idx = np.arange(i, min(i + batch_size, len(items.texts)))
-        clips, mask, ids, lengths, grid = batch_inputs(model, data, items, idx, tokenizer, limits)
-        out = model(clips, mask, ids, lengths, grid)
-        predictions += postprocess(out["spans"], out["logits"], np.full(len(idx), items.duration))
-    return predictions
-
-
-def evaluate_moments(model: CDNet, tokenizer, data: VideoFeatures) -> dict[str, float]:
-    items = moment_items(data)
-    return moment_metrics(predict(model, data, items, tokenizer), [[tuple(w)] for w in items.windows])
-
-
-def random_baseline(data: VideoFeatures, n_per_query: int, seed: int = 0) -> dict[str, float]:
-    items = moment_items(data)
-    predictions = random_span_baseline(np.full(len(items.texts), items.duration), n_per_query, seed)
-    return moment_metrics(predictions, [[tuple(w)] for w in items.windows])
+    def video_data(self) -> VideoData:
+        """The data fields of this config."""
+        return VideoData.of(asdict(self))
 
 
 def train_moment(cfg: MomentTrainConfig, out: Path) -> dict:
     seed_everything(cfg.seed)
-    splits = load_splits(cfg.video_data())
+    splits = cfg.video_data().splits()
     train_split = splits["train"]
     items = moment_items(train_split)
     tokenizer = train_tokenizer(items.texts + train_split.flat_captions())

@@ -1,12 +1,13 @@
 """ViSERN: Visual Semantic Enhanced Reasoning Network for text-video retrieval.
 
-Paper (abstract only, see ../shared/seeds): frame regions are the vertices of a fully connected semantic
-correlation graph; random-walk rule-based graph convolutions reason over it; region features are
-aggregated into frame features, which are encoded into a video embedding compared with a text embedding.
+Paper: "Exploiting Visual Semantic Reasoning for Video-Text Retrieval" (only its abstract was available):
+frame regions are the vertices of a fully connected semantic correlation graph; random-walk rule-based graph
+convolutions reason over it; region features are aggregated into frame features, which are encoded into a
+video embedding compared with a text embedding.
 
-What follows the abstract (and SEEDS.md): per-frame fully connected region graphs; random-walk GCN layers
-`V <- W_r(P g(V)) + V` with `P = D^-1 A~`, `A = phi(V) psi(V)^T` (`graph_ops.random_walk_gcn`, the
-custom op), 4 layers (VSRN's depth); regions -> frame by mean; a triplet ranking loss.
+What follows the abstract (and our design specification): per-frame fully connected region graphs; random-walk
+GCN layers `V <- W_r(P g(V)) + V` with `P = D^-1 A~`, `A = phi(V) psi(V)^T` (`xmr.models.ops.random_walk_gcn`,
+the custom op), 4 layers (VSRN's depth); regions -> frame by mean; a triplet ranking loss.
 
 Reconstructed, with the defaults chosen (all in `ViSERNConfig`):
 - `A~ = exp(A)` (a softmax over the valid regions of the frame); `affinity="relu"` gives `ReLU(A) + eps`.
@@ -28,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmr.models.graph_ops import RandomWalkGCNLayer
-from xmr.models.rvse import Block
+from xmr.models.image_text.rvse import Block
+from xmr.models.ops.random_walk_gcn import RandomWalkGCNLayer
 
 
 @dataclass

@@ -10,17 +10,10 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from xmr.models.data.base import RetrievalSplit
-from xmr.models.metrics import retrieval_metrics
-from xmr.models.preprocess import preprocess_images
-from xmr.models.rvse import RVSE, RVSEConfig
+from xmr.models.evaluate.retrieval import retrieval_metrics
+from xmr.models.image_text.inputs import image_inputs
+from xmr.models.image_text.rvse import RVSE
 from xmr.models.tokenizer import TextLimits, encode_batch
-
-
-def image_inputs(images: np.ndarray, cfg: RVSEConfig) -> torch.Tensor:
-    """The image tower's input for a batch of a split's images: normalised pixels or region features."""
-    if images.dtype == np.uint8:
-        return torch.from_numpy(preprocess_images(images, cfg.pixel_mean, cfg.pixel_std))
-    return torch.tensor(np.asarray(images), dtype=torch.float32)  # a copy: split arrays may be read-only
 
 
 def batched(fn: Callable[[slice], np.ndarray], n: int, batch_size: int, desc: str) -> np.ndarray:

@@ -177,8 +177,8 @@ def translation_table() -> dict:
     import onnxscript
     import torch
 
-    import xmr.models.deform_ops  # noqa: F401 - registers torch.ops.xmr.deform_sample
-    import xmr.models.graph_ops  # noqa: F401 - registers torch.ops.xmr.random_walk_gcn
+    import xmr.models.ops.deform_sample  # noqa: F401 - registers torch.ops.xmr.deform_sample
+    import xmr.models.ops.random_walk_gcn  # noqa: F401 - registers torch.ops.xmr.random_walk_gcn
 
     register_schemas()
     opset = onnxscript.values.Opset(DOMAIN, VERSION)

@@ -1,31 +1,6 @@
-"""Retrieval losses over a similarity matrix: the four image-text objectives of the seeds and their baselines.
-
-One signature: `loss(sim, pos_mask=None)`, or `loss(sim, relevance, pos_mask=None)` for the losses that
-learn from continuous labels (`needs_relevance = True`: kendall, bcls, listwise). `sim` is (Q, C), higher =
-closer; `pos_mask` marks positives (default: the diagonal of a paired batch); `relevance` (Q, C) holds
-continuous labels in [0, 1] (models/relevance.py). Both directions (rows as anchors, then columns as
-anchors, on `sim.T`) are computed from the same `sim` and **summed**; `reduction="mean"` averages over the
-anchors of each direction, "sum" sums, "none" returns the per-anchor values (rows, then columns). Mining
-(hardest / selective / soft negatives, sliding-window pairs) lives in `mining.py`; every loss constructs
-with no arguments (the papers' defaults, or ours where the abstracts give none: marked "reconstructed").
-
-Papers (abstracts only; see ../shared/SEEDS.md):
-- VSE++ Triplet-HN: `[m - s(p) + s(hardest n)]_+`, m = 0.2 (VSE++ paper's default).
-- SelHN (RVSE++): per anchor, all negatives when the gradient-vanishing condition holds, else the hardest.
-  The abstract says gradients vanish "when the difference between the positive pair similarity and the
-  negative pair similarity is close to 0"; reconstructed as `|s(p) - s(hardest n)| < threshold`,
-  threshold = 0.1 (strict: the hardest negative is used at exactly the threshold).
-- BCLS: Triplet-SN (negatives weighted by softmax(s_n / tau), tau = 0.1, reconstructed), Kendall ranking
-  loss `-mean_{pairs} tanh((c_j - c_k) / tau_c) tanh((s_j - s_k) / tau_s)` (tau_c = tau_s = 0.05,
-  reconstructed), SW-HS (window 8, misordered pairs only); BCLS = Triplet-SN + lambda Kendall, lambda = 0.1
-  (measured on Shapes, 1000 images x 2 epochs, val rSum: Triplet-SN alone 55, lambda = 1 13, lambda = 0.1 67:
-  at lambda = 1 the steep label-order term swamps the binary one early in training).
-- Unified loss: `tau log(1 + sum_n exp((s_n - s_p + m) / tau))` per positive; tau -> 0 gives Triplet-HN with
-  margin m, m = 0 gives tau x InfoNCE (the VLC loss). Defaults tau = 0.05, m = 0.2 (reconstructed).
-- InfoNCE / VLC: `-log softmax` of the positive among the positive and the negatives, tau = 0.05.
-- Listwise (RSC + Smooth-NDCG): smooth rank `r_i = 1 + sum_{j != i} sigmoid((s_j - s_i) / tau)`,
-  `DCG = sum_i (2^rel_i - 1) / log2(1 + r_i)`, loss `1 - DCG / IDCG` (tau = 0.01), added to Triplet-HN.
-  RSC: positives score 1, other candidates their continuous label, optionally quantised to `levels` grades.
+"""Pairwise objectives: hinge triplets (hardest, selective, soft negatives), the unified loss, InfoNCE, and
+the Kendall rank loss with its BCLS combination. The papers and the defaults are listed in the package
+docstring (`xmr.models.losses`).
 """
 
 from __future__ import annotations
@@ -33,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xmr.models.mining import (
+from xmr.models.losses.mining import (
     all_negatives,
     default_pos_mask,
     hardest_negatives,
@@ -218,89 +193,3 @@ class BCLS(nn.Module):
 
     def forward(self, sim, relevance, pos_mask=None):
         return self.binary(sim, pos_mask) + self.lam * self.continuous(sim, relevance)
-
-
-def rsc_relevance(relevance: torch.Tensor, pos_mask: torch.Tensor, levels: int | None = None) -> torch.Tensor:
-    """RSC: the relevance score of every candidate: 1 for positives, the continuous label for the others,
-    quantised to `levels` grades (0, 1/levels, ..., 1) when given."""
-    rel = relevance.clamp(0.0, 1.0)
-    if levels:
-        rel = torch.round(rel * levels) / levels
-    return torch.where(pos_mask, torch.ones_like(rel), rel)
-
-
-def smooth_ndcg_rows(sim: torch.Tensor, relevance: torch.Tensor, tau: float, k: int | None) -> torch.Tensor:
-    """(Q,) Smooth-NDCG of each row: ranks replaced by sigmoid-smoothed ranks (-> exact NDCG as tau -> 0)."""
-    c = sim.shape[1]
-    diff = (sim.unsqueeze(1) - sim.unsqueeze(2)) / tau  # [q, i, j] = (s_j - s_i) / tau
-    off_diag = ~torch.eye(c, dtype=torch.bool, device=sim.device)
-    ranks = 1.0 + (torch.sigmoid(diff) * off_diag).sum(dim=2)  # (Q, C)
-    gains = torch.pow(2.0, relevance) - 1.0
-    dcg_terms = gains / torch.log2(1.0 + ranks)
-    ideal = torch.sort(gains, dim=1, descending=True).values / torch.log2(
-        torch.arange(2, c + 2, dtype=sim.dtype, device=sim.device)
-    )
-    if k is not None:
-        dcg_terms = dcg_terms * torch.sigmoid((k + 0.5 - ranks) / tau)  # smooth "rank <= k"
-        ideal = ideal[:, :k]
-    idcg = ideal.sum(dim=1)
-    return torch.where(idcg > 0, dcg_terms.sum(dim=1) / idcg.clamp_min(1e-12), torch.ones_like(idcg))
-
-
-class SmoothNDCGLoss(nn.Module):
-    """1 - Smooth-NDCG over each anchor's candidate list, graded by `relevance`."""
-
-    needs_relevance = True
-
-    def __init__(self, tau: float = 0.01, k: int | None = None, reduction: str = "mean"):
-        super().__init__()
-        self.tau, self.k, self.reduction = tau, k, reduction
-
-    def forward(self, sim, relevance, pos_mask=None):
-        relevance = check_relevance(sim, relevance)
-        rows = 1.0 - smooth_ndcg_rows(sim, relevance, self.tau, self.k)
-        cols = 1.0 - smooth_ndcg_rows(sim.T, relevance.T, self.tau, self.k)
-        return both_directions(rows, cols, self.reduction)
-
-
-class ListwiseLoss(nn.Module):
-    """Listwise ranking integrated into pairwise ITR: Triplet-HN + lam * (1 - S-NDCG) on RSC relevance."""
-
-    needs_relevance = True
-
-    def __init__(
-        self,
-        margin: float = 0.2,
-        tau: float = 0.01,
-        k: int | None = None,
-        lam: float = 1.0,
-        levels: int | None = None,
-        reduction: str = "mean",
-    ):
-        super().__init__()
-        self.pairwise = TripletHN(margin, reduction=reduction)
-        self.listwise = SmoothNDCGLoss(tau, k, reduction)
-        self.lam, self.levels = lam, levels
-
-    def forward(self, sim, relevance, pos_mask=None):
-        pos = default_pos_mask(sim, pos_mask)
-        graded = rsc_relevance(check_relevance(sim, relevance), pos, self.levels)
-        return self.pairwise(sim, pos) + self.lam * self.listwise(sim, graded)
-
-
-LOSSES: dict[str, type[nn.Module]] = {
-    "triplet_hn": TripletHN,
-    "selhn": SelHN,
-    "triplet_sn": TripletSN,
-    "kendall": KendallRankLoss,
-    "bcls": BCLS,
-    "unified": UnifiedLoss,
-    "infonce": InfoNCE,
-    "listwise": ListwiseLoss,
-}
-
-
-def make_loss(name: str, **kwargs) -> nn.Module:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
-    return LOSSES[name](**kwargs)

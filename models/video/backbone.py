@@ -31,11 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from ..errors import InputError
-from ..preprocess import preprocess_images
-from ..rvse import Backbone
-from .moving_shapes import MovingObject, VideoSplit
-from .shapes import COLOUR_NAMES, SHAPES, SIZES, _shape_mask
+from xmr.models.data.moving_shapes import MovingObject, VideoSplit
+from xmr.models.data.shapes import COLOUR_NAMES, SHAPES, SIZES, _shape_mask
+from xmr.models.errors import InputError
+from xmr.models.image_text.preprocess import preprocess_images
+from xmr.models.image_text.rvse import Backbone
 
 
 @dataclass

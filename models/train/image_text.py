@@ -7,7 +7,6 @@ the validation split is kept; the test split is scored once at the end.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,11 +19,13 @@ from xmr.models.checkpoint import save_run
 from xmr.models.data import load_split
 from xmr.models.data.base import RetrievalSplit
 from xmr.models.errors import InputError
-from xmr.models.evaluate import evaluate, image_inputs
+from xmr.models.evaluate.image_text import evaluate
+from xmr.models.image_text.inputs import image_inputs
+from xmr.models.image_text.relevance import CaptionRelevance
+from xmr.models.image_text.rvse import RVSE, RVSEConfig
 from xmr.models.losses import LOSSES, make_loss
-from xmr.models.relevance import CaptionRelevance
-from xmr.models.rvse import RVSE, RVSEConfig
 from xmr.models.tokenizer import TextLimits, encode_batch, train_tokenizer
+from xmr.models.train.loop import BestState, lr_at, optimizer_step, seed_everything
 
 
 @dataclass
@@ -46,12 +47,6 @@ class TrainConfig:
     grad_clip: float = 2.0
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # (train, validation, test) file names per dataset: the VSE precomputed folders call validation "dev"
@@ -81,41 +76,6 @@ def make_model_config(split: RetrievalSplit, vocab_size: int, overrides: dict | 
     else:
         cfg.image_size = int(split.images.shape[1])
     return cfg
-
-
-class BestState:
-    """The model state with the best validation score so far (early-stopping selection, kept in memory)."""
-
-    def __init__(self):
-        self.score, self.metrics, self.state = float("-inf"), {}, None
-
-    def update(self, model: torch.nn.Module, score: float, metrics: dict, epoch: int) -> None:
-        if score > self.score:
-            self.score, self.metrics = score, {**metrics, "epoch": epoch}
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def restore(self, model: torch.nn.Module) -> dict:
-        """Load the best state into `model`; returns its validation metrics."""
-        model.load_state_dict(self.state)
-        return self.metrics
-
-
-def optimizer_step(
-    model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float
-) -> float:
-    """Backward, clip the gradient norm, step; returns the loss value."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    return loss.item()
-
-
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1.0 + np.cos(np.pi * progress))
 
 
 def train(cfg: TrainConfig, out: Path, model_overrides: dict | None = None) -> dict:

@@ -112,13 +112,3 @@ class RandomWalkGCNLayer(nn.Module):
     def forward(self, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = random_walk_gcn(self.phi(v), self.psi(v), self.g(v), mask, self.affinity, form=self.op_form)
         return v + self.w_r(out)
-
-
-def use_op_form(model: nn.Module, form: str) -> nn.Module:
-    """Select the call form of every custom op in `model` ("standard" or "plugin"); returns the model."""
-    if form not in OP_FORMS:
-        raise ValueError(f"custom-ops form {form!r}; valid: {', '.join(OP_FORMS)}")
-    for module in model.modules():
-        if hasattr(module, "op_form"):
-            module.op_form = form
-    return model

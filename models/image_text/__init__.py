@@ -1,0 +1,1 @@
+"""Image-text retrieval: RVSE++ (towers, pooling), image preprocessing, continuous relevance labels."""

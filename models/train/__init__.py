@@ -1,0 +1,1 @@
+"""Training: one loop (`loop.fit`) and one task per model family."""

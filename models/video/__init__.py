@@ -1,0 +1,1 @@
+"""Text-video retrieval: ViSERN, ProTA, the frame backbone that gives them region features, their inputs."""
