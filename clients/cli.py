@@ -302,7 +302,7 @@ def check(
 ):
     """Send fixed test inputs; compare served embeddings and rankings with PyTorch; exit 1 on mismatch."""
     from xmr.clients.served import check_against_reference
-    from xmr.export.repository import read_manifest
+    from xmr.export.manifest import read_manifest
     from xmr.models.checkpoint import load_run
     from xmr.models.data import load_split
     from xmr.models.evaluate.image_text import embed_images, embed_texts

@@ -18,8 +18,8 @@ import onnx
 from tqdm.auto import tqdm
 
 from xmr.export.iospec import ModelSpec, TensorSpec, text_encoder_spec
+from xmr.export.manifest import file_facts
 from xmr.export.onnx_export import export_onnx, versions
-from xmr.export.repository import file_facts
 from xmr.export.video_export import CUSTOM_OPS, ParityStats, Runner, torch_outputs
 from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run, write_json
 from xmr.models.errors import InputError

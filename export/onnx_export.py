@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from xmr.export.iospec import ModelSpec, image_text_specs
-from xmr.export.repository import file_facts, serving_facts
+from xmr.export.manifest import file_facts
+from xmr.export.repository import serving_facts
 from xmr.export.runtime import OnnxRunner
 from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run, write_json
 from xmr.models.data import load_split

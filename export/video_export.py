@@ -30,8 +30,8 @@ from xmr.export.iospec import (
     video_text_encoder_spec,
     visern_video_encoder_spec,
 )
+from xmr.export.manifest import file_facts
 from xmr.export.onnx_export import export_onnx, tensor_parity, versions
-from xmr.export.repository import file_facts
 from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run, write_json
 from xmr.models.data.video import VideoData, VideoFeatures
 from xmr.models.errors import InputError

