@@ -1,4 +1,4 @@
-"""CDNet's deformable-offsets op (`xmr.models.ops.deform_sample`): the torch reference against a naive loop (1-D and
+"""CDNet's deformable-offsets op (`ops.deform_sample`): the torch reference against a naive loop (1-D and
 trilinear 3-D, zero padding, borders, padded clips), the plugin form against the standard form (values and
 gradients), and both ONNX export forms (standard graph in ONNX Runtime; `xmr::DeformSample` in the
 reference evaluator, on shapes other than the export example)."""
