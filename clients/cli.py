@@ -69,36 +69,24 @@ def train(
     out = out or Path("runs") / model
     data = data or MODELS[model]
     root = str(data_root) if data_root else None
+    common = dict(data=data, epochs=epochs, seed=seed, n_train=n_train, n_eval=n_eval)
     if model == "rvse":
         from xmr.models.train.image_text import TrainConfig
         from xmr.models.train.image_text import train as run_training
 
         cfg = TrainConfig(
-            data=data,
+            **common,
             data_root=root,
-            epochs=epochs,
             batch_size=batch_size or 128,
             lr=lr or 2e-3,
             loss=loss,
             relevance=relevance,
-            seed=seed,
-            n_train=n_train,
-            n_eval=n_eval,
         )
         metrics = run_training(cfg, out)
     elif model == "cdnet":
         from xmr.models.train.moments import MomentTrainConfig, train_moment
 
-        cfg = MomentTrainConfig(
-            data=data,
-            epochs=epochs,
-            batch_size=batch_size or 32,
-            lr=lr or 5e-4,
-            seed=seed,
-            n_train=n_train,
-            n_eval=n_eval,
-            use_grid=grid,
-        )
+        cfg = MomentTrainConfig(**common, batch_size=batch_size or 32, lr=lr or 5e-4, use_grid=grid)
         metrics = train_moment(cfg, out)
         _print_moments({"CDNet (test)": metrics["test"], "random spans": metrics["random_baseline"]})
         console.print(f"wrote {out}")
@@ -107,16 +95,7 @@ def train(
         from xmr.models.train.video import VideoTrainConfig, train_video
 
         cfg = VideoTrainConfig(
-            model=model,
-            data=data,
-            data_root=root,
-            epochs=epochs,
-            batch_size=batch_size or 64,
-            lr=lr or 1e-3,
-            loss=loss,
-            seed=seed,
-            n_train=n_train,
-            n_eval=n_eval,
+            **common, model=model, data_root=root, batch_size=batch_size or 64, lr=lr or 1e-3, loss=loss
         )
         metrics = train_video(cfg, out)
     _print_recall({"PyTorch (test)": metrics["test"]}, item="image" if model == "rvse" else "video")
