@@ -4,7 +4,7 @@
 
 For each loss in `LOSSES` and each seed: train (same data, same epochs, same batch size and learning rate),
 then score the best-on-validation model on the test split: Recall@1/5/10 both directions, rSum, and NDCG@10
-against the continuous labels (lexical caption similarity, models/relevance.py) in both directions. Writes
+against the continuous labels (lexical caption similarity, `image_text.relevance`) in both directions. Writes
 `losses.csv` (one row per run), `losses.md` (mean ± std per loss, the table the README shows) and
 `losses.png`. Nothing here is a test: it is a comparison anyone can rerun.
 """

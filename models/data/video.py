@@ -4,7 +4,7 @@ Per video, ``F`` frames of ``K`` region features ``(N, F, K, D)`` with a frame m
 tokens ``(N, F, D)`` are the mean over the regions and, when the K regions are a spatial grid, the
 ``(N, F, h, w, D)`` grid is a reshape. Two sources, one registry (``VIDEO_DATASETS``):
 
-- ``moving-shapes``: MovingShapes pixels through ``video_backbone.FrameBackbone``, pre-trained once on
+- ``moving-shapes``: MovingShapes pixels through ``video.backbone.FrameBackbone``, pre-trained once on
   the train split. The backbone (safetensors + JSON) and each split's regions (.npy) and text (JSON)
   are cached under ``cache_dir/moving_shapes/``, keyed by short hashes of the configs, so a second
   load reads two files and generates nothing;

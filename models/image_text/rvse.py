@@ -49,7 +49,7 @@ class RVSEConfig:
     text_heads: int = 4
     max_tokens: int = 32  # positions the text tower knows; the tokenizer truncates to this
     dropout: float = 0.1
-    # preprocessing facts that travel with the exported model (see models/preprocess.py)
+    # preprocessing facts that travel with the exported model (see preprocess.py)
     pixel_mean: tuple[float, float, float] = field(default=(0.1, 0.1, 0.1))
     pixel_std: tuple[float, float, float] = field(default=(0.25, 0.25, 0.25))
 

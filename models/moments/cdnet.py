@@ -9,7 +9,7 @@ What follows the abstract:
   points (8 x 4), sampling the context stream at fractional positions: 1-D over time, or trilinear over
   (t, y, x) when a spatial grid per clip is given (`xmr.models.ops.deform_sample`, the custom op).
 - A DETR-style moment head (Moment-DETR): learnable moment queries, Hungarian matching, span L1 + gIoU +
-  class losses (10 / 1 / 4) and a saliency hinge (models/moments.py).
+  class losses (10 / 1 / 4) and a saliency hinge (`xmr.models.moments.loss`).
 
 Reconstructed, with the defaults chosen (all in `CDNetConfig`):
 - Alignment level `a_t = sigmoid(w_g g_t + w_f f_t + b)` with `g_t = cos(sentence, clip_t)` and
