@@ -7,13 +7,11 @@ the validation split is kept; the test split is scored once at the end.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from xmr.models.checkpoint import save_run
 from xmr.models.data import load_split
@@ -25,7 +23,7 @@ from xmr.models.image_text.relevance import CaptionRelevance
 from xmr.models.image_text.rvse import RVSE, RVSEConfig
 from xmr.models.losses import LOSSES, make_loss
 from xmr.models.tokenizer import TextLimits, encode_batch, train_tokenizer
-from xmr.models.train.loop import BestState, lr_at, optimizer_step, seed_everything
+from xmr.models.train.loop import FitConfig, Task, Validation, fit, seed_everything
 
 
 @dataclass
@@ -39,9 +37,8 @@ class TrainConfig:
     lr: float = 2e-3  # AdamW, cosine decay to 0 after one warm-up epoch of linear ramp
     weight_decay: float = 1e-4
     loss: str = "triplet_hn"  # a key of models.losses.LOSSES
-    warmup_epochs: int = (
-        1  # triplet_hn only: all-negatives hinge first, hardest negatives from scratch collapse
-    )
+    # triplet_hn only: all-negatives hinge first, hardest negatives from scratch collapse (not the lr warm-up)
+    warmup_epochs: int = 1
     relevance: str = "lexical"  # continuous labels for kendall / bcls / listwise: lexical | minilm
     relevance_cache: str | None = None  # folder caching sentence embeddings (minilm)
     grad_clip: float = 2.0
@@ -78,6 +75,57 @@ def make_model_config(split: RetrievalSplit, vocab_size: int, overrides: dict | 
     return cfg
 
 
+class ImageTextTask(Task):
+    """RVSE++ on an image-caption split: each training image with one random caption, square batches."""
+
+    def __init__(self, cfg: TrainConfig, model_overrides: dict | None = None):
+        self.cfg = cfg
+        self.splits = load_splits(cfg)
+        train_split = self.splits["train"]
+        self.tokenizer = train_tokenizer(train_split.flat_captions())
+        self.model = RVSE(make_model_config(train_split, self.tokenizer.get_vocab_size(), model_overrides))
+        self.limits = TextLimits(max_tokens=self.model.cfg.max_tokens)
+        self.main_loss = make_loss(cfg.loss)
+        self.warm_loss = make_loss(cfg.loss, hardest=False) if cfg.loss == "triplet_hn" else self.main_loss
+        self.labels = None  # continuous labels, for the losses that learn from them
+        if self.main_loss.needs_relevance:
+            self.labels = CaptionRelevance(train_split.captions, cfg.relevance, cfg.relevance_cache)
+        self.size = len(train_split.images)
+
+    def loss(self, batch: np.ndarray, rng: np.random.Generator, epoch: int) -> torch.Tensor:
+        split, idx = self.splits["train"], np.sort(batch)  # images of the batch
+        cpi = split.captions_per_image
+        caption_idx = idx * cpi + rng.integers(cpi, size=len(idx))  # one random caption each (flat index)
+        texts = [split.captions[c // cpi][c % cpi] for c in caption_idx]
+        ids, lengths = encode_batch(self.tokenizer, texts, self.limits)
+        images = image_inputs(split.images[idx], self.model.cfg)
+        # (B, B) similarities, diagonal positives
+        sim = self.model(images, torch.from_numpy(ids), torch.from_numpy(lengths))
+        loss_fn = self.warm_loss if epoch < self.cfg.warmup_epochs else self.main_loss
+        if self.labels is None:
+            return loss_fn(sim)
+        return loss_fn(sim, torch.from_numpy(self.labels.block(idx, caption_idx)))
+
+    def validate(self) -> Validation:
+        val = evaluate(self.model, self.tokenizer, self.splits["val"])
+        return Validation(
+            score=val["rsum"],
+            metrics=val,
+            fields={"val_rsum": val["rsum"], "val_t2i_R@1": val["t2i_R@1"]},
+            line=f"val rSum {val['rsum']:.1f}  t2i R@1 {val['t2i_R@1']:.1f}",
+        )
+
+    def test(self) -> dict:
+        return {"test": evaluate(self.model, self.tokenizer, self.splits["test"])}
+
+    def save(self, out: Path, metrics: dict) -> None:
+        meta = {
+            "train_config": asdict(self.cfg),
+            "data": {"name": self.cfg.data, "kind": self.splits["train"].kind},
+        }
+        save_run(out, self.model, self.tokenizer, meta, metrics)
+
+
 def train(cfg: TrainConfig, out: Path, model_overrides: dict | None = None) -> dict:
     """Train, keep the best-on-val state, evaluate on test, write the run folder; returns its metrics."""
     if cfg.loss not in LOSSES:
@@ -85,76 +133,5 @@ def train(cfg: TrainConfig, out: Path, model_overrides: dict | None = None) -> d
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    splits = load_splits(cfg)
-    train_split = splits["train"]
-    tokenizer = train_tokenizer(train_split.flat_captions())
-    model = RVSE(make_model_config(train_split, tokenizer.get_vocab_size(), model_overrides))
-    limits = TextLimits(max_tokens=model.cfg.max_tokens)
-    main_loss = make_loss(cfg.loss)
-    warm_loss = make_loss(cfg.loss, hardest=False) if cfg.loss == "triplet_hn" else main_loss
-    labels = None  # continuous labels, for the losses that learn from them
-    if main_loss.needs_relevance:
-        labels = CaptionRelevance(train_split.captions, cfg.relevance, cfg.relevance_cache)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    n = len(train_split.images)
-    steps_per_epoch = max(
-        1, n // cfg.batch_size
-    )  # drop the last partial batch: hardest negatives need it full
-    total = steps_per_epoch * cfg.epochs
-    rng = np.random.default_rng(cfg.seed)
-    best = BestState()
-    history = []
-    start = time.time()
-    bar = tqdm(total=total, desc="train", unit="step")
-    for epoch in range(cfg.epochs):
-        model.train()
-        loss_fn = warm_loss if epoch < cfg.warmup_epochs else main_loss
-        order = rng.permutation(n)
-        running = 0.0
-        for i in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, steps_per_epoch, cfg.lr)
-            idx = np.sort(order[i * cfg.batch_size : (i + 1) * cfg.batch_size])  # images of the batch
-            cpi = train_split.captions_per_image
-            caption_idx = idx * cpi + rng.integers(cpi, size=len(idx))  # one random caption each (flat index)
-            texts = [train_split.captions[c // cpi][c % cpi] for c in caption_idx]
-            ids, lengths = encode_batch(tokenizer, texts, limits)
-            images = image_inputs(train_split.images[idx], model.cfg)
-            sim = model(
-                images, torch.from_numpy(ids), torch.from_numpy(lengths)
-            )  # (B, B), diagonal positives
-            if labels is None:
-                loss = loss_fn(sim)
-            else:
-                loss = loss_fn(sim, torch.from_numpy(labels.block(idx, caption_idx)))
-            running += optimizer_step(model, opt, loss, cfg.grad_clip)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{running / (i + 1):.3f}")
-        val = evaluate(model, tokenizer, splits["val"])
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "loss": running / steps_per_epoch,
-                "val_rsum": val["rsum"],
-                "val_t2i_R@1": val["t2i_R@1"],
-            }
-        )
-        bar.write(
-            f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}  val rSum {val['rsum']:.1f}  "
-            f"t2i R@1 {val['t2i_R@1']:.1f}"
-        )
-        best.update(model, val["rsum"], val, epoch + 1)
-    bar.close()
-    best_val = best.restore(model)
-    test = evaluate(model, tokenizer, splits["test"])
-    metrics = {
-        "test": test,
-        "val": best_val,
-        "history": history,
-        "train_seconds": round(time.time() - start, 1),
-    }
-    meta = {"train_config": asdict(cfg), "data": {"name": cfg.data, "kind": train_split.kind}}
-    save_run(out, model, tokenizer, meta, metrics)
-    return metrics
+    task = ImageTextTask(cfg, model_overrides)
+    return fit(task, FitConfig.of(cfg), out, rng=np.random.default_rng(cfg.seed)).metrics

@@ -8,13 +8,11 @@ next to a random-span baseline with the same number of predictions per query.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from xmr.models.checkpoint import save_run
 from xmr.models.data.video import VideoData
@@ -23,7 +21,7 @@ from xmr.models.moments.cdnet import CDNet, CDNetConfig, qsd_losses
 from xmr.models.moments.items import batch_inputs, moment_items, targets_of
 from xmr.models.moments.loss import MomentLoss
 from xmr.models.tokenizer import TextLimits, train_tokenizer
-from xmr.models.train.loop import BestState, lr_at, optimizer_step, seed_everything
+from xmr.models.train.loop import FitConfig, Task, Validation, fit, seed_everything
 
 
 @dataclass
@@ -48,68 +46,68 @@ class MomentTrainConfig:
         return VideoData.of(asdict(self))
 
 
+class MomentTask(Task):
+    """CDNet on (video, moment query) pairs: span losses plus QSD's dual-level contrastive losses."""
+
+    name = "train cdnet"
+
+    def __init__(self, cfg: MomentTrainConfig):
+        self.cfg = cfg
+        self.splits = cfg.video_data().splits()
+        train_split = self.splits["train"]
+        self.items = moment_items(train_split)
+        self.tokenizer = train_tokenizer(self.items.texts + train_split.flat_captions())
+        f, k, d = train_split.regions.shape[1:]
+        self.model = CDNet(
+            CDNetConfig(
+                vocab_size=self.tokenizer.get_vocab_size(),
+                clip_dim=d,
+                use_grid=cfg.use_grid,
+                grid=tuple(train_split.grid),
+                max_clips=max(128, f),
+            )
+        )
+        self.limits = TextLimits(max_tokens=self.model.cfg.max_tokens)
+        self.criterion = MomentLoss()
+        self.size = len(self.items.texts)
+
+    def loss(self, batch: np.ndarray, rng: np.random.Generator, epoch: int) -> torch.Tensor:
+        split, items = self.splits["train"], self.items
+        clips, mask, ids, lengths, grid = batch_inputs(
+            self.model, split, items, batch, self.tokenizer, self.limits
+        )
+        outputs = self.model(clips, mask, ids, lengths, grid)
+        targets, inside = targets_of(items, batch, split.regions.shape[1], split.fps)
+        loss, _ = self.criterion({**outputs, "clip_mask": mask}, targets)
+        contrast = qsd_losses(outputs, mask, inside & mask, self.model.cfg.tau)
+        return loss + self.cfg.contrast_weight * (contrast["video_contrast"] + contrast["clip_contrast"])
+
+    def validate(self) -> Validation:
+        """Early-stopping score R1@0.5 + mIoU; the history row carries every validation metric."""
+        val = evaluate_moments(self.model, self.tokenizer, self.splits["val"])
+        return Validation(
+            score=val["R1@0.5"] + val["mIoU"],
+            metrics=val,
+            fields=val,
+            line=f"val R1@0.5 {val['R1@0.5']:.1f}  R1@0.7 {val['R1@0.7']:.1f}  mIoU {val['mIoU']:.1f}",
+        )
+
+    def test(self) -> dict:
+        """Test metrics next to a random-span baseline with as many predictions per query."""
+        test = evaluate_moments(self.model, self.tokenizer, self.splits["test"])
+        n = self.model.cfg.num_queries
+        return {
+            "test": test,
+            "random_baseline": random_baseline(self.splits["test"], n_per_query=n, seed=self.cfg.seed),
+        }
+
+    def save(self, out: Path, metrics: dict) -> None:
+        meta = {"train_config": asdict(self.cfg), "data": {"name": self.cfg.data, "kind": "moments"}}
+        save_run(out, self.model, self.tokenizer, meta, metrics, model_name="cdnet")
+
+
 def train_moment(cfg: MomentTrainConfig, out: Path) -> dict:
+    """Train, keep the best-on-val state, evaluate on test, write the run folder; returns its metrics."""
     seed_everything(cfg.seed)
-    splits = cfg.video_data().splits()
-    train_split = splits["train"]
-    items = moment_items(train_split)
-    tokenizer = train_tokenizer(items.texts + train_split.flat_captions())
-    f, k, d = train_split.regions.shape[1:]
-    model = CDNet(
-        CDNetConfig(
-            vocab_size=tokenizer.get_vocab_size(),
-            clip_dim=d,
-            use_grid=cfg.use_grid,
-            grid=tuple(train_split.grid),
-            max_clips=max(128, f),
-        )
-    )
-    limits = TextLimits(max_tokens=model.cfg.max_tokens)
-    criterion = MomentLoss()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = len(items.texts)
-    steps_per_epoch = max(1, n // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    rng = np.random.default_rng(cfg.seed)
-    best, history = BestState(), []
-    start = time.time()
-    bar = tqdm(total=total, desc="train cdnet", unit="step")
-    for epoch in range(cfg.epochs):
-        model.train()
-        order = rng.permutation(n)
-        running = 0.0
-        for i in range(steps_per_epoch):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(epoch * steps_per_epoch + i, total, steps_per_epoch, cfg.lr)
-            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            clips, mask, ids, lengths, grid = batch_inputs(model, train_split, items, idx, tokenizer, limits)
-            outputs = model(clips, mask, ids, lengths, grid)
-            targets, inside = targets_of(items, idx, f, train_split.fps)
-            loss, _ = criterion({**outputs, "clip_mask": mask}, targets)
-            contrast = qsd_losses(outputs, mask, inside & mask, model.cfg.tau)
-            loss = loss + cfg.contrast_weight * (contrast["video_contrast"] + contrast["clip_contrast"])
-            running += optimizer_step(model, opt, loss, cfg.grad_clip)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{running / (i + 1):.3f}")
-        val = evaluate_moments(model, tokenizer, splits["val"])
-        score = val["R1@0.5"] + val["mIoU"]
-        history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, **val})
-        bar.write(
-            f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}  val R1@0.5 {val['R1@0.5']:.1f}  "
-            f"R1@0.7 {val['R1@0.7']:.1f}  mIoU {val['mIoU']:.1f}"
-        )
-        best.update(model, score, val, epoch + 1)
-    bar.close()
-    best_val = best.restore(model)
-    test = evaluate_moments(model, tokenizer, splits["test"])
-    baseline = random_baseline(splits["test"], n_per_query=model.cfg.num_queries, seed=cfg.seed)
-    metrics = {
-        "test": test,
-        "random_baseline": baseline,
-        "val": best_val,
-        "history": history,
-        "train_seconds": round(time.time() - start, 1),
-    }
-    meta = {"train_config": asdict(cfg), "data": {"name": cfg.data, "kind": "moments"}}
-    save_run(out, model, tokenizer, meta, metrics, model_name="cdnet")
-    return metrics
+    task = MomentTask(cfg)
+    return fit(task, FitConfig.of(cfg), out, rng=np.random.default_rng(cfg.seed)).metrics

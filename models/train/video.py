@@ -8,13 +8,11 @@ state with the best validation rSum is kept and the test split is scored at the 
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from xmr.models.checkpoint import save_run
 from xmr.models.data.video import VideoData, VideoFeatures
@@ -22,7 +20,7 @@ from xmr.models.errors import InputError
 from xmr.models.evaluate.video import evaluate_video
 from xmr.models.losses import make_loss
 from xmr.models.tokenizer import TextLimits, encode_batch, train_tokenizer
-from xmr.models.train.loop import BestState, lr_at, optimizer_step, seed_everything
+from xmr.models.train.loop import FitConfig, Task, Validation, fit, seed_everything
 from xmr.models.video.inputs import video_inputs
 from xmr.models.video.prota import ProTA, ProTAConfig, ProTALoss
 from xmr.models.video.visern import ViSERN, ViSERNConfig
@@ -67,65 +65,59 @@ def build_model(name: str, data: VideoFeatures, vocab_size: int, overrides: dict
     raise InputError(f"unknown video model {name!r}; valid: {', '.join(VIDEO_MODELS)}")
 
 
-def train_video(cfg: VideoTrainConfig, out: Path, model_overrides: dict | None = None) -> dict:
-    seed_everything(cfg.seed)
-    splits = VideoData.of(asdict(cfg)).splits()
-    train_split = splits["train"]
-    tokenizer = train_tokenizer(train_split.flat_captions())
-    model = build_model(cfg.model, train_split, tokenizer.get_vocab_size(), model_overrides)
-    limits = TextLimits(max_tokens=model.cfg.max_tokens)
-    if cfg.model == "prota":
-        main_loss = warm_loss = ProTALoss(model.cfg.tau, model.cfg.margin, model.cfg.beta)
-    else:
-        main_loss = make_loss(cfg.loss)
-        warm_loss = make_loss(cfg.loss, hardest=False) if cfg.loss == "triplet_hn" else main_loss
-        if main_loss.needs_relevance:
-            raise InputError(f"loss {cfg.loss!r} needs continuous labels, which video data does not have")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+class VideoTask(Task):
+    """ViSERN or ProTA on cached region features: each training video with one random caption."""
 
-    n, cpv = len(train_split), train_split.captions_per_video
-    steps_per_epoch = max(1, n // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    rng = np.random.default_rng(cfg.seed)
-    best, history = BestState(), []
-    start = time.time()
-    bar = tqdm(total=total, desc=f"train {cfg.model}", unit="step")
-    for epoch in range(cfg.epochs):
-        model.train()
-        loss_fn = warm_loss if epoch < cfg.warmup_epochs else main_loss
-        order = rng.permutation(n)
-        running = 0.0
-        for i in range(steps_per_epoch):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(epoch * steps_per_epoch + i, total, steps_per_epoch, cfg.lr)
-            idx = np.sort(order[i * cfg.batch_size : (i + 1) * cfg.batch_size])
-            texts = [train_split.captions[v][rng.integers(cpv)] for v in idx]
-            ids, lengths = map(torch.from_numpy, encode_batch(tokenizer, texts, limits))
-            video = model.encode_video(*video_inputs(model, train_split, idx))
-            text = model.encode_text(ids, lengths)
-            if isinstance(model, ProTA):
-                loss, _ = loss_fn(model.pair_scores(text, video), text, video)  # (B texts, B videos)
-            else:
-                loss = loss_fn(video @ text.T)  # (B videos, B texts), diagonal positives
-            running += optimizer_step(model, opt, loss, cfg.grad_clip)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{running / (i + 1):.3f}")
-        val = evaluate_video(model, tokenizer, splits["val"])
-        history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "val_rsum": val["rsum"]})
-        bar.write(
-            f"epoch {epoch + 1}: loss {running / steps_per_epoch:.4f}  val rSum {val['rsum']:.1f}  "
-            f"t2v R@1 {val['t2i_R@1']:.1f}"
+    def __init__(self, cfg: VideoTrainConfig, model_overrides: dict | None = None):
+        self.cfg, self.name = cfg, f"train {cfg.model}"
+        self.splits = VideoData.of(asdict(cfg)).splits()
+        train_split = self.splits["train"]
+        self.tokenizer = train_tokenizer(train_split.flat_captions())
+        self.model = build_model(cfg.model, train_split, self.tokenizer.get_vocab_size(), model_overrides)
+        self.limits = TextLimits(max_tokens=self.model.cfg.max_tokens)
+        if cfg.model == "prota":
+            self.main_loss = self.warm_loss = ProTALoss(
+                self.model.cfg.tau, self.model.cfg.margin, self.model.cfg.beta
+            )
+        else:
+            self.main_loss = make_loss(cfg.loss)
+            self.warm_loss = (
+                make_loss(cfg.loss, hardest=False) if cfg.loss == "triplet_hn" else self.main_loss
+            )
+            if self.main_loss.needs_relevance:
+                raise InputError(f"loss {cfg.loss!r} needs continuous labels, which video data does not have")
+        self.size = len(train_split)
+
+    def loss(self, batch: np.ndarray, rng: np.random.Generator, epoch: int) -> torch.Tensor:
+        split, idx = self.splits["train"], np.sort(batch)
+        texts = [split.captions[v][rng.integers(split.captions_per_video)] for v in idx]
+        ids, lengths = map(torch.from_numpy, encode_batch(self.tokenizer, texts, self.limits))
+        video = self.model.encode_video(*video_inputs(self.model, split, idx))
+        text = self.model.encode_text(ids, lengths)
+        loss_fn = self.warm_loss if epoch < self.cfg.warmup_epochs else self.main_loss
+        if isinstance(self.model, ProTA):
+            return loss_fn(self.model.pair_scores(text, video), text, video)[0]  # (B texts, B videos)
+        return loss_fn(video @ text.T)  # (B videos, B texts), diagonal positives
+
+    def validate(self) -> Validation:
+        val = evaluate_video(self.model, self.tokenizer, self.splits["val"])
+        return Validation(
+            score=val["rsum"],
+            metrics=val,
+            fields={"val_rsum": val["rsum"]},
+            line=f"val rSum {val['rsum']:.1f}  t2v R@1 {val['t2i_R@1']:.1f}",
         )
-        best.update(model, val["rsum"], val, epoch + 1)
-    bar.close()
-    best_val = best.restore(model)
-    test = evaluate_video(model, tokenizer, splits["test"])
-    metrics = {
-        "test": test,
-        "val": best_val,
-        "history": history,
-        "train_seconds": round(time.time() - start, 1),
-    }
-    meta = {"train_config": asdict(cfg), "data": {"name": cfg.data, "kind": "video"}}
-    save_run(out, model, tokenizer, meta, metrics, model_name=cfg.model)
-    return metrics
+
+    def test(self) -> dict:
+        return {"test": evaluate_video(self.model, self.tokenizer, self.splits["test"])}
+
+    def save(self, out: Path, metrics: dict) -> None:
+        meta = {"train_config": asdict(self.cfg), "data": {"name": self.cfg.data, "kind": "video"}}
+        save_run(out, self.model, self.tokenizer, meta, metrics, model_name=self.cfg.model)
+
+
+def train_video(cfg: VideoTrainConfig, out: Path, model_overrides: dict | None = None) -> dict:
+    """Train, keep the best-on-val state, evaluate on test, write the run folder; returns its metrics."""
+    seed_everything(cfg.seed)
+    task = VideoTask(cfg, model_overrides)
+    return fit(task, FitConfig.of(cfg), out, rng=np.random.default_rng(cfg.seed)).metrics

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from xmr.models.data.shapes import COLOUR_NAMES, SHAPES, SIZES, _shape_mask
 from xmr.models.errors import InputError
 from xmr.models.image_text.preprocess import preprocess_images
 from xmr.models.image_text.rvse import Backbone
+from xmr.models.train.loop import FitConfig, Task, fit
 
 
 @dataclass
@@ -174,6 +175,44 @@ def _score(backbone, heads, videos, glob, region, vid, frame, cfg) -> dict[str, 
     }
 
 
+class PretrainTask(Task):
+    """Frame-level multi-label training of a `FrameBackbone` with its two heads (see the module docstring).
+
+    Step-based rather than epoch-based: `fit` runs one "epoch" of `steps` batches, each `batch_size`
+    random (video, frame) pairs drawn with replacement from the first `n_train` videos."""
+
+    name = "pretrain frame backbone"
+
+    def __init__(self, split: VideoSplit, cfg: BackboneConfig, steps: int, n_train: int):
+        self.split, self.cfg, self.steps, self.n_train = split, cfg, steps, n_train
+        n_frames, s = split.videos.shape[1:3]
+        self.glob, self.region = frame_labels(split.objects, n_frames, s, cfg.grid, cfg.min_region_pixels)
+        self.backbone, self.heads = FrameBackbone(cfg), _Heads(cfg.channels[-1])
+        self.model = nn.Sequential(self.backbone, self.heads)  # pixels -> (frame logits, region logits)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return self.steps
+
+    def batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        n_frames = self.split.videos.shape[1]
+        for _ in range(self.steps):
+            yield rng.integers(self.n_train, size=batch_size), rng.integers(n_frames, size=batch_size)
+
+    def loss(
+        self, batch: tuple[np.ndarray, np.ndarray], rng: np.random.Generator, epoch: int
+    ) -> torch.Tensor:
+        vid, frame = batch
+        g, r = self.model(_pixels(self.split.videos, vid, frame, self.cfg))
+        return F.binary_cross_entropy_with_logits(
+            g, torch.from_numpy(self.glob[vid, frame]).float()
+        ) + F.binary_cross_entropy_with_logits(r, torch.from_numpy(self.region[vid, frame]).float())
+
+    def score(self, vid: np.ndarray, frame: np.ndarray) -> dict[str, float]:
+        return _score(
+            self.backbone, self.heads, self.split.videos, self.glob, self.region, vid, frame, self.cfg
+        )
+
+
 def pretrain_backbone(
     split: VideoSplit,
     cfg: BackboneConfig = BackboneConfig(),
@@ -194,53 +233,33 @@ def pretrain_backbone(
         raise InputError(f"videos are {s} px; BackboneConfig.image_size is {cfg.image_size}")
     if steps < 1:
         raise InputError(f"steps is {steps}; expected at least 1 pre-training step")
-    glob, region = frame_labels(split.objects, n_frames, s, cfg.grid, cfg.min_region_pixels)
     n_train = n - max(1, round(cfg.holdout * n)) if n > 1 else n
-    rng = np.random.default_rng([seed, 20])
-    t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    rng = np.random.default_rng([seed, 20])  # batches, then the train frames scored after
+    with torch.random.fork_rng(devices=[]):  # the caller's torch RNG stream is left as it was
         torch.manual_seed(seed)
-        backbone, heads = FrameBackbone(cfg), _Heads(cfg.channels[-1])
-        params = [*backbone.parameters(), *heads.parameters()]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warm = max(1, steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(i / steps, 1.0)))
+        task = PretrainTask(split, cfg, steps, n_train)
+        config = FitConfig(
+            epochs=1,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=max(1, steps // 20),  # 5%
+            schedule="warmup_times_cosine",
         )
-        backbone.train()
-        losses = []
-        for _ in tqdm(range(steps), desc="pretrain frame backbone", disable=None):
-            vid, frame = (
-                rng.integers(n_train, size=cfg.batch_size),
-                rng.integers(n_frames, size=cfg.batch_size),
-            )
-            g, r = heads(backbone(_pixels(split.videos, vid, frame, cfg)))
-            loss = F.binary_cross_entropy_with_logits(
-                g, torch.from_numpy(glob[vid, frame]).float()
-            ) + F.binary_cross_entropy_with_logits(r, torch.from_numpy(region[vid, frame]).float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        seconds = time.perf_counter() - t0
-        k = min(10, len(losses))
-        report = {"steps": steps, "seconds": round(seconds, 1)}
+        result = fit(task, config, rng=rng)
+        k = min(10, len(result.losses))
+        report = {"steps": steps, "seconds": round(result.seconds, 1)}
         report |= {
-            "loss_first": round(float(np.mean(losses[:k])), 4),
-            "loss_last": round(float(np.mean(losses[-k:])), 4),
+            "loss_first": round(float(np.mean(result.losses[:k])), 4),
+            "loss_last": round(float(np.mean(result.losses[-k:])), 4),
         }
         m = min(2048, n_train * n_frames)
         idx = rng.choice(n_train * n_frames, size=m, replace=False)
-        report["train"] = _score(
-            backbone, heads, split.videos, glob, region, idx // n_frames, idx % n_frames, cfg
-        )
+        report["train"] = task.score(idx // n_frames, idx % n_frames)
         if n_train < n:
             idx = np.arange(n_train * n_frames, n * n_frames)[: 2048 * 4 : 4]  # every 4th held-out frame
-            report["heldout"] = _score(
-                backbone, heads, split.videos, glob, region, idx // n_frames, idx % n_frames, cfg
-            )
-    backbone.eval()
+            report["heldout"] = task.score(idx // n_frames, idx % n_frames)
+    backbone = task.backbone.eval()
     backbone.report = report
     return backbone
 
