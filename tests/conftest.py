@@ -21,12 +21,22 @@ HAS_TRITON = (
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_TRITON:
-        return
-    skip = pytest.mark.skip(reason="needs the `serve` extra (nvidia-pytriton's tritonserver, tritonclient)")
+    """Skip, with the reason, the tests whose marker (pyproject.toml) names what this machine lacks."""
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    missing = {}  # marker -> why this machine cannot run its tests
+    if not HAS_TRITON:
+        missing["server"] = "needs the `serve` extra (nvidia-pytriton's tritonserver, tritonclient)"
+    if not has_cuda:
+        missing["gpu"] = "needs a CUDA device"
+    if not (has_cuda and importlib.util.find_spec("tensorrt") is not None):
+        missing["tensorrt"] = "needs the tensorrt package and a GPU"
+    skips = {marker: pytest.mark.skip(reason=reason) for marker, reason in missing.items()}
     for item in items:
-        if "server" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if item.get_closest_marker(marker):
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,59 +1,21 @@
-"""`random_walk_gcn`: ViSERN's graph-reasoning op, a first-class op with a torch reference.
+"""`random_walk_gcn` as a torch custom op (`torch.ops.xmr.random_walk_gcn`), its call forms, and its layer.
 
-For each frame, its K regions are the vertices of a fully connected graph. Given the projected region
-features phi(V), psi(V), g(V), each (N, K, C) with N = batch x frames, and a region mask (N, K) (True =
-a real region, False = padding), the op computes
-
-    A   = phi psi^T / sqrt(C)                      affinity, (N, K, K)
-    A~  = exp(A)  (affinity="softmax")  or  ReLU(A) + eps  (affinity="relu")
-    P   = D^-1 A~  over the valid columns            row-stochastic transition matrix of a random walk
-    out = P g                                        (N, K, C); rows of padded regions are 0
-
-which is the fused affinity + normalisation + aggregation that TensorRT has no single layer for. The
-residual update `V <- W_r(out) + V` and the projections stay ordinary layers (`RandomWalkGCNLayer`).
+The residual update `V <- W_r(out) + V` and the projections stay ordinary layers (`RandomWalkGCNLayer`);
+only the fused affinity + normalisation + aggregation (`reference.py`) is the op.
 
 Two call forms, chosen per layer by `op_form`:
-- "standard": the torch reference below; torch.onnx decomposes it into standard ONNX ops (runs anywhere).
+- "standard": the torch reference (`reference.py`); torch.onnx decomposes it into standard ONNX ops.
 - "plugin": `torch.ops.xmr.random_walk_gcn`, a registered custom op whose eager kernel is the same
-  reference; the ONNX export (export/custom_ops.py) turns it into one `xmr::RandomWalkGCN` node.
+  reference (autograd recomputes the reference); the ONNX export turns it into one `xmr::RandomWalkGCN`
+  node (`onnx_op.py`).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-AFFINITIES = ("softmax", "relu")
-NEG = -1e9  # finite "minus infinity": a fully padded row gives uniform weights, not NaN
-
-
-def transition_matrix(
-    phi: torch.Tensor, psi: torch.Tensor, mask: torch.Tensor, affinity: str = "softmax", eps: float = 1e-6
-) -> torch.Tensor:
-    """P (N, K, K): row-stochastic over the valid regions of each frame."""
-    scores = phi @ psi.transpose(1, 2) / math.sqrt(phi.shape[-1])  # (N, K, K)
-    valid_cols = mask.unsqueeze(1)  # (N, 1, K)
-    if affinity == "softmax":
-        return torch.softmax(scores.masked_fill(~valid_cols, NEG), dim=-1)
-    if affinity == "relu":
-        weights = (torch.relu(scores) + eps) * valid_cols.to(scores.dtype)
-        return weights / weights.sum(dim=-1, keepdim=True).clamp_min(eps)
-    raise ValueError(f"affinity={affinity!r}; expected one of {AFFINITIES}")
-
-
-def random_walk_gcn_reference(
-    phi: torch.Tensor,
-    psi: torch.Tensor,
-    g: torch.Tensor,
-    mask: torch.Tensor,
-    affinity: str = "softmax",
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """The op in plain torch: (N, K, C) x3 + (N, K) bool -> (N, K, C)."""
-    out = transition_matrix(phi, psi, mask, affinity, eps) @ g
-    return out * mask.unsqueeze(-1).to(out.dtype)
+from xmr.models.ops.random_walk_gcn.reference import random_walk_gcn_reference
 
 
 @torch.library.custom_op("xmr::random_walk_gcn", mutates_args=())
