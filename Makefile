@@ -30,7 +30,7 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
-configs: $(STAMP)  ## re-render the committed model_repository/*/config.pbtxt from the I/O specs
+configs: $(STAMP)  ## re-render the committed model_repository/ (config.pbtxt + model.py shims) from the serving tables
 	$(BIN)/python -m xmr.export.repository
 
 clean:

@@ -1,4 +1,4 @@
-"""Glue between Triton's python backend and `runtime.py`, shared by every `model.py` in model_repository/.
+"""Glue between Triton's python backend and `runtime.py`, shared by every model of `adapters.py`.
 
 `triton_python_backend_utils` exists only inside the backend stub, so it is imported lazily here.
 """
@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +65,12 @@ def collect(requests, spec: ModelSpec) -> tuple[list[int], list[dict[str, np.nda
         except InputError as e:
             slots[i] = e
     return ok, inputs, slots
+
+
+def answer(requests, spec: ModelSpec, run: Callable[[list[dict[str, np.ndarray]]], list]) -> list:
+    """One response per request: `run` gets the inputs of every readable request at once and returns a
+    result (outputs by name, or that request's error) for each; unreadable requests get their read error."""
+    ok, inputs, slots = collect(requests, spec)
+    for i, result in zip(ok, run(inputs) if inputs else [], strict=True):
+        slots[i] = result
+    return [respond(r) for r in slots]

@@ -1,10 +1,17 @@
-"""Write a servable Triton model repository from exported artifacts.
+"""Write a servable Triton model repository from exported artifacts, from the package alone.
 
-`model_repository/` (committed) holds the python-backend adapters (`*/1/model.py`) and the `config.pbtxt`
-files rendered for the default preset. `build_repository` renders every `config.pbtxt` again from the
-artifact's manifest (its I/O specs and preprocessing facts), copies the adapters and the artifacts into
-place, and verifies each artifact's sha256 against the manifest first. Configs are protobuf messages from
-`tritonclient`'s `model_config_pb2`, printed with protobuf's text format: no hand-written pbtxt.
+What is served is data: `MODELS` is the table of served models (python-backend adapter, config parameters,
+the artifact files of its version folder, dynamic batching) and `ENSEMBLES` the table of ensembles, each a
+tuple of `Step`s (model, input map, output map). Serving another model family is adding rows.
+`build_repository` renders every `config.pbtxt` from these tables and the artifact's manifest (its I/O
+specs and preprocessing facts), writes each python model's `model.py` (a one-line shim importing its
+adapter class from `xmr.export.adapters`) and `spec.json`, and copies the artifacts into place after
+verifying each one's sha256 against the manifest. It reads nothing else, so an installed wheel can run
+`xmr repo`. Configs are protobuf messages from `tritonclient`'s `model_config_pb2`, printed with protobuf's
+text format: no hand-written pbtxt.
+
+`model_repository/` (committed) is the repository rendered for the default preset (configs and shims, no
+artifacts); `python -m xmr.export.repository` (`make configs`) re-renders it and a test fails if it drifts.
 
 Targets:
 - `cpu`: every model is a python-backend model; the towers host ONNX Runtime (this is what the
@@ -18,6 +25,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -27,11 +36,99 @@ from xmr.export.manifest import read_manifest, verify_artifacts
 from xmr.models.checkpoint import atomic_dir
 from xmr.models.errors import InputError
 
-SOURCE = Path(__file__).resolve().parent.parent / "model_repository"
+# the committed, rendered repository of a source checkout: only `make configs` and its drift test use it
+COMMITTED = Path(__file__).resolve().parent.parent / "model_repository"
 TARGETS = ("cpu", "gpu")
 MAX_BATCH = 64
 QUEUE_DELAY_US = 500  # dynamic batching: wait at most 0.5 ms to fill a batch
-TOWERS = ("text_encoder", "image_encoder")
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A config parameter read from the manifest's `preprocessing` entry (JSON text: 77, [0.5, 0.5])."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Served:
+    """One served model.
+
+    adapter: the class of `xmr.export.adapters` its `model.py` shim loads (a python-backend model).
+    parameters: the config's `parameters`, literal strings or `Fact`s of the manifest.
+    files: {file in its version folder: artifact file}.
+    onnx_on_gpu: on the gpu target it is an `onnxruntime_onnx` model on the GPU (TensorRT accelerator), or a
+      `tensorrt_plan` model where the artifacts hold the engine (its `.onnx` artifact's name, `.plan`),
+      instead of a python model.
+    """
+
+    adapter: str
+    parameters: Mapping[str, str | Fact] = field(default_factory=dict)
+    files: Mapping[str, str] = field(default_factory=dict)
+    dynamic_batching: bool = False
+    onnx_on_gpu: bool = False
+
+    def engine(self) -> str:
+        """The artifact name of this tower's TensorRT engine."""
+        return self.files["model.onnx"].removesuffix(".onnx") + ".plan"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of an ensemble: `model` with {its input: ensemble tensor}, {its output: ensemble tensor}."""
+
+    model: str
+    inputs: Mapping[str, str]
+    outputs: Mapping[str, str]
+
+
+def onnx_tower(artifact: str) -> Served:
+    """An exported ONNX tower: ONNX Runtime in a python model (cpu), a native GPU model (gpu)."""
+    return Served(
+        "OnnxModel", {"threads": "1"}, {"model.onnx": artifact}, dynamic_batching=True, onnx_on_gpu=True
+    )
+
+
+MODELS: dict[str, Served] = {
+    "tokenizer": Served(
+        "TokenizerModel",
+        {"max_tokens": Fact("max_tokens"), "max_bytes": Fact("max_bytes")},
+        {"tokenizer.json": "tokenizer.json"},
+    ),
+    "preprocess": Served(
+        "PreprocessModel", {"pixel_mean": Fact("pixel_mean"), "pixel_std": Fact("pixel_std")}
+    ),
+    "gallery_topk": Served(
+        "GalleryTopKModel",
+        {"index": "flat", "max_k": "1000"},
+        {"gallery.npy": "gallery.npy", "gallery_ids.npy": "gallery_ids.npy"},
+        dynamic_batching=True,
+    ),
+    "text_encoder": onnx_tower("text_encoder.onnx"),
+    "image_encoder": onnx_tower("image_encoder.onnx"),
+}
+
+ENSEMBLES: dict[str, tuple[Step, ...]] = {
+    "text_search": (
+        Step("tokenizer", {"text": "text"}, {"input_ids": "input_ids", "lengths": "lengths"}),
+        Step(
+            "text_encoder",
+            {"input_ids": "input_ids", "lengths": "lengths"},
+            {"text_embedding": "text_embedding"},
+        ),
+        Step(
+            "gallery_topk",
+            {"query_embedding": "text_embedding", "top_k": "top_k"},
+            {"ids": "ids", "scores": "scores"},
+        ),
+    ),
+    "image_embed": (
+        Step("preprocess", {"image": "image"}, {"pixel_values": "pixel_values"}),
+        Step("image_encoder", {"pixel_values": "pixel_values"}, {"image_embedding": "image_embedding"}),
+    ),
+}
+
+SHIM = "from xmr.export.adapters import {adapter} as TritonPythonModel  # noqa: F401\n"
 
 
 def serving_facts(
@@ -106,13 +203,12 @@ def model_config(
     return cfg
 
 
-def ensemble_config(spec: ModelSpec, steps: list[tuple[str, dict[str, str], dict[str, str]]]):
-    """steps: (model, {model input: ensemble tensor}, {model output: ensemble tensor})."""
+def ensemble_config(spec: ModelSpec, steps: tuple[Step, ...]):
     cfg = model_config(spec, platform="ensemble")
-    for model, inputs, outputs in steps:
-        step = cfg.ensemble_scheduling.step.add(model_name=model, model_version=-1)
-        step.input_map.update(inputs)
-        step.output_map.update(outputs)
+    for s in steps:
+        step = cfg.ensemble_scheduling.step.add(model_name=s.model, model_version=-1)
+        step.input_map.update(s.inputs)
+        step.output_map.update(s.outputs)
     return cfg
 
 
@@ -122,63 +218,77 @@ def render(cfg) -> str:
     return text_format.MessageToString(cfg)
 
 
+def parameters(served: Served, manifest: dict) -> dict[str, str]:
+    """The config's `parameters` of a served model, its `Fact`s read from the manifest."""
+    pre = manifest.get("preprocessing", {})
+    out = {}
+    for key, value in served.parameters.items():
+        if isinstance(value, Fact):
+            if value.key not in pre:
+                raise InputError(f"the manifest's preprocessing has no {value.key!r} (parameter {key!r})")
+            value = json.dumps(pre[value.key])
+        out[key] = value
+    return out
+
+
+def python_model(name: str, target: str) -> bool:
+    """Whether `name` is a python-backend model (a `model.py` shim and `spec.json`) on `target`."""
+    return name in MODELS and not (target == "gpu" and MODELS[name].onnx_on_gpu)
+
+
+def served_models(manifest: dict) -> list[str]:
+    """The manifest's models, every one checked to have a row in MODELS or ENSEMBLES."""
+    names = list(manifest["specs"])
+    for name in names:
+        if name not in MODELS and name not in ENSEMBLES:
+            raise InputError(
+                f"the manifest lists model {name!r}, which no serving row describes; "
+                f"served: {', '.join([*MODELS, *ENSEMBLES])}"
+            )
+        for step in ENSEMBLES.get(name, ()):
+            if step.model not in names:
+                raise InputError(f"ensemble {name!r} needs model {step.model!r}, which the manifest lacks")
+    return names
+
+
 def repository_configs(
     manifest: dict, target: str = "cpu", engines: frozenset[str] = frozenset()
 ) -> dict[str, str]:
     """config.pbtxt text of every model, by model name, for an artifact manifest."""
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
-    specs = {name: ModelSpec.from_dict(d) for name, d in manifest["specs"].items()}
-    pre = manifest["preprocessing"]
-    params = {
-        "tokenizer": {"max_tokens": str(pre["max_tokens"]), "max_bytes": str(pre["max_bytes"])},
-        "gallery_topk": {"index": "flat", "max_k": "1000"},
-        "preprocess": {
-            "pixel_mean": json.dumps(pre["pixel_mean"]),
-            "pixel_std": json.dumps(pre["pixel_std"]),
-        },
-    }
     configs = {}
-    for name in ("tokenizer", "preprocess", "gallery_topk"):
-        if name in specs:
-            configs[name] = model_config(specs[name], params[name], dynamic_batching=name == "gallery_topk")
-    for name in TOWERS:
-        if target == "cpu":
-            configs[name] = model_config(specs[name], {"threads": "1"}, dynamic_batching=True)
+    for name in served_models(manifest):
+        spec = ModelSpec.from_dict(manifest["specs"][name])
+        if name in ENSEMBLES:
+            configs[name] = ensemble_config(spec, ENSEMBLES[name])
+            continue
+        served = MODELS[name]
+        batching = served.dynamic_batching
+        if python_model(name, target):
+            configs[name] = model_config(spec, parameters(served, manifest), dynamic_batching=batching)
         elif name in engines:
-            configs[name] = model_config(
-                specs[name], platform="tensorrt_plan", gpu=True, dynamic_batching=True
-            )
+            configs[name] = model_config(spec, platform="tensorrt_plan", gpu=True, dynamic_batching=batching)
         else:
-            cfg = model_config(specs[name], platform="onnxruntime_onnx", gpu=True, dynamic_batching=True)
+            cfg = model_config(spec, platform="onnxruntime_onnx", gpu=True, dynamic_batching=batching)
             trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
             trt.parameters["precision_mode"] = "FP16"
             configs[name] = cfg
-    configs["text_search"] = ensemble_config(
-        specs["text_search"],
-        [
-            ("tokenizer", {"text": "text"}, {"input_ids": "input_ids", "lengths": "lengths"}),
-            (
-                "text_encoder",
-                {"input_ids": "input_ids", "lengths": "lengths"},
-                {"text_embedding": "text_embedding"},
-            ),
-            (
-                "gallery_topk",
-                {"query_embedding": "text_embedding", "top_k": "top_k"},
-                {"ids": "ids", "scores": "scores"},
-            ),
-        ],
-    )
-    if "image_embed" in specs:
-        configs["image_embed"] = ensemble_config(
-            specs["image_embed"],
-            [
-                ("preprocess", {"image": "image"}, {"pixel_values": "pixel_values"}),
-                ("image_encoder", {"pixel_values": "pixel_values"}, {"image_embedding": "image_embedding"}),
-            ],
-        )
     return {name: render(cfg) for name, cfg in configs.items()}
+
+
+def repository_texts(
+    manifest: dict, target: str = "cpu", engines: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """Every text file of the repository by its path in it: each model's `config.pbtxt`, and each python
+    model's `1/model.py` shim and `1/spec.json`."""
+    texts = {}
+    for name, config in repository_configs(manifest, target, engines).items():
+        texts[f"{name}/config.pbtxt"] = config
+        if python_model(name, target):
+            texts[f"{name}/1/model.py"] = SHIM.format(adapter=MODELS[name].adapter)
+            texts[f"{name}/1/spec.json"] = json.dumps(manifest["specs"][name], indent=2)
+    return texts
 
 
 # ----------------------------------------------------------------------------- the repository
@@ -186,14 +296,12 @@ def repository_configs(
 
 def artifact_files(model: str, target: str, engines: frozenset[str]) -> dict[str, str]:
     """{file in the model's version folder: artifact file} for one model."""
-    if model in TOWERS:
-        if target == "gpu" and model in engines:
-            return {"model.plan": f"{model}.plan"}
-        return {"model.onnx": f"{model}.onnx"}
-    return {
-        "tokenizer": {"tokenizer.json": "tokenizer.json"},
-        "gallery_topk": {"gallery.npy": "gallery.npy", "gallery_ids.npy": "gallery_ids.npy"},
-    }.get(model, {})
+    if model not in MODELS:
+        return {}  # an ensemble
+    served = MODELS[model]
+    if target == "gpu" and model in engines:
+        return {"model.plan": served.engine()}
+    return dict(served.files)
 
 
 def build_repository(artifacts: Path, out: Path, target: str = "cpu") -> Path:
@@ -201,46 +309,46 @@ def build_repository(artifacts: Path, out: Path, target: str = "cpu") -> Path:
     artifacts = Path(artifacts)
     manifest = read_manifest(artifacts)
     verify_artifacts(artifacts, manifest)
-    engines = (
-        frozenset(t for t in TOWERS if (artifacts / f"{t}.plan").is_file())
-        if target == "gpu"
-        else frozenset()
+    engines = frozenset(
+        name
+        for name, served in MODELS.items()
+        if target == "gpu" and served.onnx_on_gpu and (artifacts / served.engine()).is_file()
     )
-    configs = repository_configs(manifest, target, engines)
+    texts = repository_texts(manifest, target, engines)
     with atomic_dir(Path(out)) as tmp:
-        for name, text in tqdm(configs.items(), desc="repository", unit="model"):
+        for name in tqdm(served_models(manifest), desc="repository", unit="model"):
             version = tmp / name / "1"
-            version.mkdir(parents=True)
-            (tmp / name / "config.pbtxt").write_text(text)
-            if name in ("text_search", "image_embed"):
-                continue  # ensembles: an empty version folder
-            adapter = SOURCE / name / "1" / "model.py"
-            if target == "cpu" or name not in TOWERS:
-                shutil.copy2(adapter, version / "model.py")
-                (version / "spec.json").write_text(json.dumps(manifest["specs"][name], indent=2))
+            version.mkdir(parents=True)  # an ensemble's stays empty
             for dest, src in artifact_files(name, target, engines).items():
                 shutil.copy2(artifacts / src, version / dest)
+        for path, text in texts.items():
+            (tmp / path).write_text(text)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return Path(out)
 
 
-def write_committed_configs(facts: dict, dest: Path = SOURCE) -> list[Path]:
-    """Render the committed `model_repository/*/config.pbtxt` (for the default preset) from `facts`."""
+def committed_texts(facts: dict) -> dict[str, str]:
+    """The committed `model_repository/` for `facts` (the default preset's): configs and shims."""
+    return {path: text for path, text in repository_texts(facts).items() if not path.endswith("spec.json")}
+
+
+def write_committed(facts: dict, dest: Path = COMMITTED) -> list[Path]:
+    """Render the committed repository (`config.pbtxt` and `1/model.py` of every model) into `dest`."""
     written = []
-    for name, text in repository_configs(facts).items():
-        path = Path(dest) / name / "config.pbtxt"
+    for rel, text in committed_texts(facts).items():
+        path = Path(dest) / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         written.append(path)
     return written
 
 
-if __name__ == "__main__":  # python -m xmr.export.repository: refresh the committed configs
+if __name__ == "__main__":  # python -m xmr.export.repository: re-render the committed model_repository/
     from xmr.models.image_text.rvse import RVSEConfig
     from xmr.models.tokenizer import TextLimits
 
     c, lim = RVSEConfig(), TextLimits()
-    for p in write_committed_configs(
+    for p in write_committed(
         serving_facts(
             c.embed_dim, c.image_size, c.region_dim, c.pixel_mean, c.pixel_std, lim.max_tokens, lim.max_bytes
         )

@@ -7,9 +7,18 @@ import onnx
 import pytest
 
 from xmr.clients.triton_client import IMAGE_EMBED, TEXT_SEARCH
+from xmr.export import adapters
 from xmr.export.iospec import image_text_specs
 from xmr.export.manifest import read_manifest
-from xmr.export.repository import SOURCE, build_repository, repository_configs, serving_facts
+from xmr.export.repository import (
+    COMMITTED,
+    ENSEMBLES,
+    MODELS,
+    build_repository,
+    committed_texts,
+    repository_configs,
+    serving_facts,
+)
 from xmr.models.errors import InputError
 from xmr.models.image_text.rvse import RVSEConfig
 from xmr.models.tokenizer import TextLimits
@@ -22,13 +31,56 @@ def default_facts():
     )
 
 
-def test_committed_configs_are_rendered_from_the_spec():
-    rendered = repository_configs(default_facts())
-    committed = {p.parent.name: p.read_text() for p in SOURCE.glob("*/config.pbtxt")}
+def test_committed_repository_is_rendered_from_the_tables():
+    rendered = committed_texts(default_facts())
+    committed = {
+        str(p.relative_to(COMMITTED)): p.read_text()
+        for pattern in ("*/config.pbtxt", "*/1/model.py")
+        for p in COMMITTED.glob(pattern)
+    }
     assert committed == rendered, "model_repository/ is stale: run `make configs`"
-    for name in rendered:
-        if name not in ("text_search", "image_embed"):
-            assert (SOURCE / name / "1" / "model.py").is_file()
+    assert rendered["text_encoder/1/model.py"] == rendered["image_encoder/1/model.py"]
+    assert "text_search/1/model.py" not in rendered  # an ensemble has no model.py
+
+
+def test_serving_tables_agree_with_the_specs_and_adapters():
+    specs = image_text_specs(256, 64)
+    for name, served in MODELS.items():
+        adapter = getattr(adapters, served.adapter)
+        assert issubclass(adapter, adapters.PythonModel) and adapter is not adapters.PythonModel, name
+    for name, steps in ENSEMBLES.items():
+        available = set(specs[name].input_names)
+        for step in steps:
+            assert step.model in MODELS, f"{name}: {step.model} is not a served model"
+            assert set(step.inputs) == set(specs[step.model].input_names), f"{name}: {step.model} inputs"
+            assert set(step.inputs.values()) <= available, f"{name}: {step.model} reads a tensor not made yet"
+            assert set(step.outputs) <= set(specs[step.model].output_names), f"{name}: {step.model} outputs"
+            available |= set(step.outputs.values())
+        assert set(specs[name].output_names) <= available, f"{name}: an output no step makes"
+
+
+def test_manifest_models_without_a_serving_row_are_refused():
+    facts = default_facts()
+    facts["specs"]["video_encoder"] = facts["specs"]["image_encoder"] | {"name": "video_encoder"}
+    with pytest.raises(InputError, match="model 'video_encoder', which no serving row describes"):
+        repository_configs(facts)
+    facts = default_facts()
+    del facts["specs"]["preprocess"]
+    with pytest.raises(InputError, match="ensemble 'image_embed' needs model 'preprocess'"):
+        repository_configs(facts)
+
+
+def test_cpu_repository_is_complete(tiny_repository):
+    manifest = json.loads((tiny_repository / "manifest.json").read_text())
+    for name in manifest["specs"]:
+        assert (tiny_repository / name / "config.pbtxt").is_file() and (tiny_repository / name / "1").is_dir()
+        if name in MODELS:
+            version = tiny_repository / name / "1"
+            shim = (version / "model.py").read_text()
+            adapter = MODELS[name].adapter
+            assert shim.startswith(f"from xmr.export.adapters import {adapter} as TritonPythonModel")
+            assert json.loads((version / "spec.json").read_text()) == manifest["specs"][name]
+            assert all((version / f).is_file() for f in MODELS[name].files)
 
 
 def test_onnx_graphs_use_the_spec_names_and_dynamic_dims(tiny_artifacts):

@@ -1,0 +1,124 @@
+"""The python-backend models of the Triton repository, as importable classes.
+
+Every `model.py` that `xmr repo` writes is a one-line shim, e.g.
+`from xmr.export.adapters import OnnxModel as TritonPythonModel`: the python backend loads the
+`TritonPythonModel` attribute of that file. Each class is a thin adapter over `xmr.export.runtime`:
+`initialize` builds the runtime object once from the version folder (`spec.json`, the artifacts) and the
+config's `parameters`; `execute` reads every request of a (dynamic) batch, hands the readable ones to
+`run` at once, and answers each request with its outputs or its own error (`TritonError`), so one bad
+request never fails the others nor the server.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from xmr.export import pb
+from xmr.export.iospec import ModelSpec
+from xmr.export.runtime import GalleryIndex, OnnxRunner, decode_texts
+from xmr.models.errors import InputError
+from xmr.models.image_text.preprocess import preprocess_images
+from xmr.models.tokenizer import TextLimits, encode_batch, load_tokenizer
+
+Arrays = dict[str, np.ndarray]
+
+
+def each(inputs: list[Arrays], fn: Callable[[Arrays], Arrays]) -> list[Arrays | ValueError]:
+    """`fn` on every request alone; a request that raises ValueError (InputError) gets its error back."""
+    results: list[Arrays | ValueError] = []
+    for x in inputs:
+        try:
+            results.append(fn(x))
+        except ValueError as e:
+            results.append(e)
+    return results
+
+
+class PythonModel:
+    """A python-backend model: `load` once from the version folder, `run` on the readable requests."""
+
+    spec: ModelSpec
+
+    def initialize(self, args: dict) -> None:
+        folder, params = pb.setup(args)
+        self.spec = pb.spec_from(folder)
+        self.load(folder, params)
+
+    def execute(self, requests):
+        return pb.answer(requests, self.spec, self.run)
+
+    def load(self, folder: Path, params: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def run(self, inputs: list[Arrays]) -> list[Arrays | InputError]:
+        """One result (outputs by name, or the request's error) per request, in order."""
+        raise NotImplementedError
+
+
+class OnnxModel(PythonModel):
+    """ONNX Runtime (CPU) on the version folder's `model.onnx`: any exported tower.
+
+    All requests of a dynamic batch run as one ONNX Runtime call (dynamic dims padded to the longest, e.g.
+    token ids; the towers' masks make the padding invisible), then the outputs are split back per request.
+    """
+
+    def load(self, folder: Path, params: dict[str, str]) -> None:
+        self.runner = OnnxRunner(folder / "model.onnx", self.spec, threads=int(params["threads"]))
+
+    def run(self, inputs: list[Arrays]) -> list[Arrays | InputError]:
+        return self.runner.run_requests(inputs)
+
+
+class TokenizerModel(PythonModel):
+    """BYTES text (B, 1) -> input_ids (B, T), lengths (B,) with the run's tokenizer.json.
+
+    The same `encode_batch` as training, so served ids equal training ids. Each request is tokenised on its
+    own (each gets its own padded length).
+    """
+
+    def load(self, folder: Path, params: dict[str, str]) -> None:
+        self.tokenizer = load_tokenizer(folder / "tokenizer.json")
+        self.limits = TextLimits(max_tokens=int(params["max_tokens"]), max_bytes=int(params["max_bytes"]))
+
+    def encode(self, x: Arrays) -> Arrays:
+        ids, lengths = encode_batch(self.tokenizer, decode_texts(x["text"]), self.limits)
+        return {"input_ids": ids, "lengths": lengths}
+
+    def run(self, inputs: list[Arrays]) -> list[Arrays | ValueError]:
+        return each(inputs, self.encode)
+
+
+class PreprocessModel(PythonModel):
+    """uint8 images (B, H, W, 3) -> normalised float32 pixels (B, 3, H, W).
+
+    Mean and std are config parameters (from the manifest), applied by the same `preprocess_images` that
+    training used.
+    """
+
+    def load(self, folder: Path, params: dict[str, str]) -> None:
+        self.mean, self.std = json.loads(params["pixel_mean"]), json.loads(params["pixel_std"])
+
+    def preprocess(self, x: Arrays) -> Arrays:
+        return {"pixel_values": preprocess_images(x["image"], self.mean, self.std)}
+
+    def run(self, inputs: list[Arrays]) -> list[Arrays | ValueError]:
+        return each(inputs, self.preprocess)
+
+
+class GalleryTopKModel(PythonModel):
+    """Top-k gallery search with FAISS over `gallery.npy` (N, D) unit vectors and `gallery_ids.npy` (N,).
+
+    A dynamic batch is searched with one FAISS call at its largest requested k.
+    """
+
+    def load(self, folder: Path, params: dict[str, str]) -> None:
+        embeddings = np.load(folder / "gallery.npy", allow_pickle=False)
+        ids = np.load(folder / "gallery_ids.npy", allow_pickle=False)
+        self.index = GalleryIndex(embeddings, ids, kind=params["index"], max_k=int(params["max_k"]))
+
+    def run(self, inputs: list[Arrays]) -> list[dict | InputError]:
+        return self.index.search_requests([(x["query_embedding"], x["top_k"]) for x in inputs])
