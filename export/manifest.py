@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 from xmr.models.errors import InputError
+
+MANIFEST = "manifest.json"
 
 
 def sha256(path: Path) -> str:
@@ -25,7 +31,7 @@ def file_facts(folder: Path, files: list[str]) -> dict[str, dict]:
 
 
 def read_manifest(artifacts: Path) -> dict:
-    path = Path(artifacts) / "manifest.json"
+    path = Path(artifacts) / MANIFEST
     if not path.is_file():
         raise InputError(f"{artifacts} has no manifest.json; create the artifacts with `xmr export`")
     return json.loads(path.read_text())
@@ -39,3 +45,73 @@ def verify_artifacts(artifacts: Path, manifest: dict) -> None:
             raise InputError(f"artifact {path} is missing (listed in {artifacts}/manifest.json)")
         if sha256(path) != facts["sha256"]:
             raise InputError(f"artifact {path} is corrupted: its sha256 differs from manifest.json")
+
+
+def versions() -> dict[str, str]:
+    """The manifest's `versions` entry: the libraries an export ran with."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
+
+
+@dataclass
+class Manifest:
+    """`manifest.json` of an exported artifact folder; every export writes one.
+
+    The keys that readers use: `model` (the family), `specs` ({graph or served model: ModelSpec.to_dict()}),
+    `preprocessing` (what the served models do before the graphs), `files` ({file: sha256, bytes}, see
+    `file_facts`), `parity` (the export's checks against PyTorch), and where they apply `gallery` (the
+    embedded gallery the server searches) and `custom_ops` (the graphs' custom-op form). The optional
+    fields are left out of the file when unset.
+    """
+
+    model: str
+    model_config: dict
+    run: str
+    specs: dict[str, dict]
+    preprocessing: dict
+    files: dict[str, dict]
+    versions: dict[str, str]
+    parity: dict
+    custom_ops: str | None = None  # "standard" | "plugin"
+    xmr_nodes: dict[str, list[str]] | None = None  # graph -> op types of its `xmr` nodes
+    gallery: dict | None = None
+    opset: int | None = None
+
+    def to_dict(self) -> dict:
+        optional = {f.name for f in dataclasses.fields(self) if f.default is None}
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in optional}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Manifest:
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise InputError(
+                f"manifest has no {', '.join(missing)}; re-create the artifacts with `xmr export`"
+            )
+        return cls(**{f.name: d[f.name] for f in fields if f.name in d})
+
+    def write(self, folder: Path) -> Path:
+        """Write `folder/manifest.json` atomically (a temporary file renamed over it); returns its path."""
+        path = Path(folder) / MANIFEST
+        tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        return cls.from_dict(read_manifest(folder))

@@ -14,20 +14,19 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
 from tqdm.auto import tqdm
 
 from xmr.export.iospec import ModelSpec, TensorSpec, text_encoder_spec
-from xmr.export.manifest import file_facts
-from xmr.export.onnx_export import export_onnx, versions
-from xmr.export.video_export import CUSTOM_OPS, ParityStats, Runner, torch_outputs
-from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run, write_json
+from xmr.export.onnx_export import Tower, export_onnx, graphs_manifest
+from xmr.export.parity import BackendParity
+from xmr.export.runners import TorchRunner, runner_for
+from xmr.export.video_export import CUSTOM_OPS
+from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run
 from xmr.models.errors import InputError
 from xmr.models.evaluate.moment_metrics import moment_metrics
-from xmr.models.moments.cdnet import CDNet, GridMomentModel, MomentModel
+from xmr.models.moments.cdnet import CDNet
 from xmr.models.moments.items import batch_inputs, moment_items
 from xmr.models.moments.postprocess import postprocess
-from xmr.models.ops.onnx_domain import xmr_nodes
 from xmr.models.tokenizer import TextLimits
 from xmr.models.train.moments import MomentTrainConfig
 
@@ -68,7 +67,7 @@ def export_moment_run(
     n = parity_queries or (len(items.texts) if custom_ops == "standard" else min(32, len(items.texts)))
     limits = TextLimits(max_tokens=model.cfg.max_tokens)
     spec = moment_model_spec(model, test.grid)
-    module = GridMomentModel(model) if model.cfg.use_grid else MomentModel(model)
+    module = Tower(model, "forward", tuple(spec.output_names))  # CDNet's output dict -> the spec's outputs
     steps = tqdm(total=3, desc=f"export cdnet ({custom_ops})", unit="step")
     with atomic_dir(Path(out)) as tmp:
         example = [
@@ -78,50 +77,39 @@ def export_moment_run(
         shutil.copy2(Path(run) / TOKENIZER, tmp / "tokenizer.json")
         steps.update()
 
-        runner, stats = Runner(tmp / "moment_model.onnx", spec, custom_ops), ParityStats()
+        # threads=0: ONNX Runtime's default, every core
+        runner = runner_for(tmp / "moment_model.onnx", spec, custom_ops, threads=0)
+        backends = BackendParity({"moment_model": TorchRunner(module, spec)}, {"moment_model": runner})
         torch_pred, onnx_pred = [], []
         for i in tqdm(range(0, n, 16), desc="parity", leave=False):
             idx = np.arange(i, min(i + 16, n))
             inputs = [t for t in batch_inputs(model, test, items, idx, tokenizer, limits) if t is not None]
             feeds = {name: t.numpy() for name, t in zip(spec.input_names, inputs, strict=True)}
-            got, want = runner.run(feeds), torch_outputs(module, feeds, spec)
-            stats.add("moment_model", want, got)
+            want, got = backends.run("moment_model", feeds)
             durations = np.full(len(idx), items.duration)
             torch_pred += postprocess(want["spans"], want["logits"], durations)
             onnx_pred += postprocess(got["spans"], got["logits"], durations)
         steps.update()
         truth = [[tuple(w)] for w in items.windows[:n]]
         parity = {
-            **stats.stats,
+            **backends.stats.stats,
             "moments": {
                 "pytorch": moment_metrics(torch_pred, truth),
                 "onnx": moment_metrics(onnx_pred, truth),
             },
-            "runtime": "onnxruntime" if custom_ops == "standard" else "onnx.reference + xmr numpy ops",
+            "runtime": runner.backend,
             "split": f"{test.name}/{test.split}",
             "n_queries": n,
         }
-        files = ["moment_model.onnx", "tokenizer.json"]
-        manifest = {
-            "model": "cdnet",
-            "model_config": model.cfg.to_dict(),
-            "run": str(run),
-            "custom_ops": custom_ops,
-            "xmr_nodes": {
-                "moment_model": [x.op_type for x in xmr_nodes(onnx.load(tmp / "moment_model.onnx"))]
-            },
-            "preprocessing": {
-                "clips": "backbone frame features (B, T, D), see models/data/video.py",
-                "duration_s": items.duration,
-                "max_tokens": limits.max_tokens,
-                "postprocess": "xmr.models.moments.postprocess",
-            },
-            "specs": {"moment_model": spec.to_dict()},
-            "files": file_facts(tmp, files),
-            "versions": versions(),
-            "parity": parity,
+        preprocessing = {
+            "clips": "backbone frame features (B, T, D), see models/data/video.py",
+            "duration_s": items.duration,
+            "max_tokens": limits.max_tokens,
+            "postprocess": "xmr.models.moments.postprocess",
         }
-        write_json(tmp / "manifest.json", manifest)
+        specs = {"moment_model": spec}
+        manifest = graphs_manifest(tmp, run, "cdnet", model, specs, custom_ops, preprocessing, parity)
+        manifest.write(tmp)
         steps.update()
     steps.close()
-    return manifest
+    return manifest.to_dict()

@@ -1,8 +1,9 @@
 """Export a trained run to ONNX, one graph per tower, and prove the graphs retrieve what PyTorch retrieved.
 
 `export_run(run, out)` writes into `out` (replaced atomically):
-- `text_encoder.onnx`, `image_encoder.onnx`: torch.onnx's dynamo exporter, tensor names and dynamic dims
-  from the I/O spec (`iospec.py`), checked with `onnx.checker` (full check, with shape inference);
+- `text_encoder.onnx`, `image_encoder.onnx`: torch.onnx's dynamo exporter on a `Tower` of the model (one
+  method, inputs by position), tensor names and dynamic dims from the I/O spec (`iospec.py`), checked with
+  `onnx.checker` (full check, with shape inference);
 - `tokenizer.json`: the run's tokenizer, which the served tokenizer model loads;
 - `gallery.npy`, `gallery_ids.npy`: the evaluation split's images embedded by the ONNX image tower, the
   gallery the served `gallery_topk` searches;
@@ -13,28 +14,53 @@
 
 from __future__ import annotations
 
-import platform
+import inspect
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from xmr.export.iospec import ModelSpec, image_text_specs
-from xmr.export.manifest import file_facts
+from xmr.export.manifest import Manifest, file_facts, versions
+from xmr.export.parity import tensor_parity
 from xmr.export.repository import serving_facts
-from xmr.export.runtime import OnnxRunner
-from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run, write_json
+from xmr.export.runners import OnnxRunner, Runner
+from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run
 from xmr.models.data import load_split
 from xmr.models.data.base import RetrievalSplit
 from xmr.models.evaluate.image_text import embed_images, embed_texts
 from xmr.models.evaluate.retrieval import retrieval_metrics
 from xmr.models.image_text.inputs import image_inputs
-from xmr.models.image_text.rvse import RVSE, ImageEncoder, TextEncoder
+from xmr.models.image_text.rvse import RVSE
 from xmr.models.tokenizer import TextLimits, encode_batch
 
 OPSET = 18
+
+
+class Tower(nn.Module):
+    """One part of a model as exported: `forward(*inputs)` calls `model.<method>(*inputs)`.
+
+    `outputs` picks and orders what the method returns: keys of a dict or fields of a named tuple (the
+    graph's outputs, in the order of its I/O spec); empty, the result is returned as is. The inputs go by
+    position, so one class serves every tower: `Tower(model, "encode_text")`,
+    `Tower(prota, "encode_video", ("embedding", "mu", "sigma"))`, `Tower(cdnet, "forward", ("spans", ...))`.
+    """
+
+    def __init__(self, model: nn.Module, method: str = "forward", outputs: tuple[str, ...] = ()):
+        super().__init__()
+        self.model, self.method, self.outputs = model, method, tuple(outputs)
+
+    def forward(self, *inputs: torch.Tensor):
+        fn = self.model if self.method == "forward" else getattr(self.model, self.method)
+        out = fn(*inputs)
+        if not self.outputs:
+            return out
+        if isinstance(out, dict):
+            return tuple(out[name] for name in self.outputs)
+        return tuple(getattr(out, name) for name in self.outputs)
 
 
 def export_onnx(
@@ -46,6 +72,8 @@ def export_onnx(
 ) -> None:
     """Export `module` with the names and dynamic dims of `spec`, then run the full ONNX checker.
 
+    `module` takes the spec's inputs by position (a `Tower`, or any module whose forward has them in spec
+    order); the dynamic dims go to the exporter by position too, one entry per input.
     `custom_ops="plugin"` selects the custom-op call form in the model's layers and translates each into
     one node of the `xmr` ONNX domain; "standard" lets the exporter decompose them into standard ops.
     """
@@ -59,11 +87,9 @@ def export_onnx(
     def dim(name: str) -> torch.export.Dim:
         return dims.setdefault(name, torch.export.Dim(name, min=1, max=4096))
 
-    arg_names = list(module.forward.__code__.co_varnames[1 : 1 + len(spec.inputs)])
-    dynamic = {
-        arg: {i: dim(d) for i, d in t.onnx_dynamic_axes().items()}
-        for arg, t in zip(arg_names, spec.inputs, strict=True)
-    }
+    if len(example) != len(spec.inputs):
+        raise ValueError(f"{len(example)} example inputs for the {len(spec.inputs)} inputs of {spec.name}")
+    dynamic = tuple({i: dim(d) for i, d in t.onnx_dynamic_axes().items()} for t in spec.inputs)
     use_op_form(module, custom_ops)
     module.eval()
     try:
@@ -73,7 +99,7 @@ def export_onnx(
             str(path),
             input_names=spec.input_names,
             output_names=spec.output_names,
-            dynamic_shapes=dynamic,
+            dynamic_shapes=by_position(module, dynamic),
             dynamo=True,
             opset_version=OPSET,
             external_data=False,
@@ -86,20 +112,54 @@ def export_onnx(
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def tensor_parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Max abs error and min/mean row cosine between two (N, D) embedding matrices."""
-    cos = (reference * candidate).sum(1) / (
-        np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
+def by_position(module: nn.Module, per_input: tuple) -> tuple:
+    """One dynamic-shapes entry per input -> the tuple torch.export matches to `module.forward`'s parameters.
+
+    Only the kinds of the parameters count, not their names: each positional parameter takes one entry, and
+    a `*inputs` parameter (`Tower.forward`) takes the remaining entries as one tuple.
+    """
+    kinds = [p.kind for p in inspect.signature(module.forward).parameters.values()]
+    if inspect.Parameter.VAR_POSITIONAL not in kinds:
+        return per_input
+    n = kinds.index(inspect.Parameter.VAR_POSITIONAL)
+    return (*per_input[:n], per_input[n:])
+
+
+def graphs_manifest(
+    folder: Path,
+    run: Path,
+    model_name: str,
+    model: nn.Module,
+    specs: dict[str, ModelSpec],
+    custom_ops: str,
+    preprocessing: dict,
+    parity: dict,
+) -> Manifest:
+    """The manifest of an export in a custom-op form: `<name>.onnx` per spec and `tokenizer.json` in
+    `folder`, with the op types of each graph's `xmr` nodes."""
+    import onnx
+
+    from xmr.models.ops.onnx_domain import xmr_nodes
+
+    files = [f"{name}.onnx" for name in specs] + ["tokenizer.json"]
+    return Manifest(
+        model=model_name,
+        model_config=model.cfg.to_dict(),
+        run=str(run),
+        custom_ops=custom_ops,
+        xmr_nodes={
+            name: [n.op_type for n in xmr_nodes(onnx.load(folder / f"{name}.onnx"))] for name in specs
+        },
+        preprocessing=preprocessing,
+        specs={name: spec.to_dict() for name, spec in specs.items()},
+        files=file_facts(folder, files),
+        versions=versions(),
+        parity=parity,
     )
-    return {
-        "max_abs_err": float(np.abs(reference - candidate).max()),
-        "min_cosine": float(cos.min()),
-        "mean_cosine": float(cos.mean()),
-    }
 
 
 def onnx_embed_texts(
-    runner: OnnxRunner, tokenizer, texts: list[str], limits: TextLimits, batch_size: int = 512
+    runner: Runner, tokenizer, texts: list[str], limits: TextLimits, batch_size: int = 512
 ) -> np.ndarray:
     chunks = []
     for i in tqdm(range(0, len(texts), batch_size), desc="onnx texts", leave=False):
@@ -108,28 +168,13 @@ def onnx_embed_texts(
     return np.concatenate(chunks)
 
 
-def onnx_embed_images(
-    runner: OnnxRunner, images: np.ndarray, model: RVSE, batch_size: int = 256
-) -> np.ndarray:
+def onnx_embed_images(runner: Runner, images: np.ndarray, model: RVSE, batch_size: int = 256) -> np.ndarray:
     name = runner.spec.inputs[0].name
     chunks = [
         runner.run({name: image_inputs(images[i : i + batch_size], model.cfg).numpy()})["image_embedding"]
         for i in tqdm(range(0, len(images), batch_size), desc="onnx images", leave=False)
     ]
     return np.concatenate(chunks)
-
-
-def versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-    }
 
 
 def export_run(
@@ -155,14 +200,14 @@ def export_run(
     with atomic_dir(Path(out)) as tmp:
         ids, lengths = encode_batch(tokenizer, split.flat_captions()[:4], limits)
         export_onnx(
-            TextEncoder(model),
+            Tower(model, "encode_text"),
             (torch.from_numpy(ids), torch.from_numpy(lengths)),
             specs["text_encoder"],
             tmp / "text_encoder.onnx",
         )
         steps.update()
         export_onnx(
-            ImageEncoder(model),
+            Tower(model, "encode_image"),
             (image_inputs(split.images[:2], cfg),),
             specs["image_encoder"],
             tmp / "image_encoder.onnx",
@@ -200,10 +245,10 @@ def export_run(
             "gallery.npy",
             "gallery_ids.npy",
         ]
-        manifest = {
-            "model": config["model"],
-            "model_config": cfg.to_dict(),
-            "run": str(run),
+        manifest = Manifest(
+            model=config["model"],
+            model_config=cfg.to_dict(),
+            run=str(run),
             **serving_facts(
                 cfg.embed_dim,
                 cfg.image_size,
@@ -213,17 +258,17 @@ def export_run(
                 limits.max_tokens,
                 limits.max_bytes,
             ),
-            "gallery": {
+            gallery={
                 "split": f"{split.name}/{split.split}",
                 "size": len(onnx_img),
                 "ids": "row index in the split",
             },
-            "files": file_facts(tmp, files),
-            "versions": versions(),
-            "opset": OPSET,
-            "parity": parity,
-        }
-        write_json(tmp / "manifest.json", manifest)
+            files=file_facts(tmp, files),
+            versions=versions(),
+            opset=OPSET,
+            parity=parity,
+        )
+        manifest.write(tmp)
         steps.update()
     steps.close()
-    return manifest
+    return manifest.to_dict()

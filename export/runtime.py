@@ -11,11 +11,11 @@ Bad input raises `InputError` with a message naming the input; the adapters turn
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
-from xmr.export.iospec import ModelSpec
+# OnnxRunner lives with the other runners; the served models import it from here
+from xmr.export.runners import OnnxRunner, check_finite  # noqa: F401
 from xmr.models.errors import InputError
 
 
@@ -32,11 +32,6 @@ def decode_texts(arr: np.ndarray, name: str = "text") -> list[str]:
     return texts
 
 
-def check_finite(name: str, x: np.ndarray) -> None:
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-        raise InputError(f"input {name!r} contains NaN or infinite values")
-
-
 def pad_concat(arrays: Sequence[np.ndarray], pad_value=0) -> np.ndarray:
     """Concatenate along the batch dim, right-padding every other dim to the largest size."""
     if len({a.shape[1:] for a in arrays}) == 1:
@@ -51,46 +46,6 @@ def pad_concat(arrays: Sequence[np.ndarray], pad_value=0) -> np.ndarray:
         for a in arrays
     ]
     return np.concatenate(padded)
-
-
-class OnnxRunner:
-    """An ONNX Runtime CPU session for one exported model, checked against its I/O spec.
-
-    `run` takes and returns `dict[name, array]` (Polygraphy's runner convention).
-    """
-
-    def __init__(self, path: str | Path, spec: ModelSpec, threads: int = 1):
-        import onnxruntime as ort
-
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"ONNX model {path} does not exist")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types on corrupt files
-            raise InputError(f"{path} is not a loadable ONNX model: {e}") from e
-        self.spec = spec
-        got = [i.name for i in self.session.get_inputs()]
-        if got != spec.input_names:
-            raise InputError(f"{path} has inputs {got}; its I/O spec says {spec.input_names}")
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for t in self.spec.inputs:
-            if t.name not in feeds:
-                raise InputError(f"missing input {t.name!r} for {self.spec.name}")
-            x = feeds[t.name]
-            if x.dtype != t.numpy_dtype:
-                raise InputError(f"input {t.name!r} has dtype {x.dtype}; expected {t.dtype}")
-            check_finite(t.name, x)
-        outs = self.session.run(self.spec.output_names, {t.name: feeds[t.name] for t in self.spec.inputs})
-        return dict(zip(self.spec.output_names, outs, strict=True))
-
-    def run_requests(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | InputError]:
-        """Run several requests as one batch (padding dynamic dims); a bad request gets its error back."""
-        return run_batched(requests, self.run)
 
 
 def run_batched(
@@ -189,14 +144,4 @@ class GalleryIndex:
         )
         for i, out in zip(good, batch, strict=True):
             results[i] = out if isinstance(out, InputError) else {k: v[:, : ks[i]] for k, v in out.items()}
-        return results
-        k_max = max(ks[i] for i in good)
-        batch = run_batched(
-            [{"q": requests[i][0]} for i in good],
-            lambda f: dict(zip(("ids", "scores"), self.search(f["q"], k_max), strict=True)),
-        )
-        for i, out in zip(good, batch, strict=True):
-            results[i] = (
-                out if isinstance(out, InputError) else (out["ids"][:, : ks[i]], out["scores"][:, : ks[i]])
-            )
         return results

@@ -9,8 +9,9 @@
 
 Which runtime checks the graphs: the `standard` form (standard ONNX ops only) runs in ONNX Runtime; the
 `plugin` form holds `xmr::RandomWalkGCN` nodes that no stock runtime implements, so it runs in
-`onnx.reference.ReferenceEvaluator` with the numpy implementations of `export/custom_ops.py` (slow: the
-manifest says how many videos it covered). ProTA has no custom op: both forms give the same graphs.
+`onnx.reference.ReferenceEvaluator` with the numpy implementations of `models/ops/onnx_domain.py` (slow:
+the manifest says how many videos it covered); `runners.runner_for` picks the runner by form. ProTA has no
+custom op: both forms give the same graphs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from tqdm.auto import tqdm
 
@@ -30,37 +30,20 @@ from xmr.export.iospec import (
     video_text_encoder_spec,
     visern_video_encoder_spec,
 )
-from xmr.export.manifest import file_facts
-from xmr.export.onnx_export import export_onnx, tensor_parity, versions
-from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run, write_json
+from xmr.export.onnx_export import Tower, export_onnx, graphs_manifest
+from xmr.export.parity import BackendParity
+from xmr.export.runners import TorchRunner, runner_for
+from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run
 from xmr.models.data.video import VideoData, VideoFeatures
 from xmr.models.errors import InputError
 from xmr.models.evaluate.retrieval import retrieval_metrics
 from xmr.models.evaluate.video import similarity
-from xmr.models.ops.onnx_domain import reference_evaluator, xmr_nodes
 from xmr.models.tokenizer import TextLimits, encode_batch
 from xmr.models.video.inputs import video_inputs
-from xmr.models.video.prota import ProTA, ProTAPairScorer, ProTATextEncoder, ProTAVideoEncoder
-from xmr.models.video.visern import TextEncoder, VideoEncoder, ViSERN
+from xmr.models.video.prota import ProTA, ProTAPairScorer
+from xmr.models.video.visern import ViSERN
 
 CUSTOM_OPS = ("standard", "plugin")
-
-
-class Runner:
-    """ONNX Runtime for the standard form, the reference evaluator (with xmr ops) for the plugin form."""
-
-    def __init__(self, path: Path, spec: ModelSpec, form: str):
-        self.spec = spec
-        if form == "plugin":
-            self.session = reference_evaluator(str(path))
-        else:
-            import onnxruntime as ort
-
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self.session.run(self.spec.output_names, feeds)
-        return dict(zip(self.spec.output_names, outs, strict=True))
 
 
 def specs_for(model, regions_per_frame: int) -> dict[str, ModelSpec]:
@@ -79,22 +62,14 @@ def specs_for(model, regions_per_frame: int) -> dict[str, ModelSpec]:
 
 
 def modules_for(model) -> dict[str, torch.nn.Module]:
+    """The exported parts, taking the inputs of `specs_for`'s specs by position."""
     if isinstance(model, ViSERN):
-        return {"text_encoder": TextEncoder(model), "video_encoder": VideoEncoder(model)}
+        return {"text_encoder": Tower(model, "encode_text"), "video_encoder": Tower(model, "encode_video")}
     return {
-        "text_encoder": ProTATextEncoder(model),
-        "video_encoder": ProTAVideoEncoder(model),
+        "text_encoder": Tower(model, "encode_text", ("embedding", "mu", "sigma")),
+        "video_encoder": Tower(model, "encode_video", ("embedding", "mu", "sigma")),
         "pair_scorer": ProTAPairScorer(model),
     }
-
-
-def torch_outputs(
-    module: torch.nn.Module, feeds: dict[str, np.ndarray], spec: ModelSpec
-) -> dict[str, np.ndarray]:
-    with torch.no_grad():
-        out = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
-    out = out if isinstance(out, tuple) else (out,)
-    return {name: o.numpy() for name, o in zip(spec.output_names, out, strict=True)}
 
 
 def batches(n: int, size: int):
@@ -122,6 +97,7 @@ def export_video_run(
     split = split.subset(n)
     limits = TextLimits(max_tokens=model.cfg.max_tokens)
     specs, modules = specs_for(model, split.regions.shape[2]), modules_for(model)
+    torch_runners = {name: TorchRunner(modules[name], spec) for name, spec in specs.items()}
     texts = split.flat_captions()
     steps = tqdm(total=len(specs) + 2, desc=f"export {config['model']} ({custom_ops})", unit="step")
     with atomic_dir(Path(out)) as tmp:
@@ -132,10 +108,8 @@ def export_video_run(
             "video_encoder": dict(zip(specs["video_encoder"].input_names, (video, mask), strict=True)),
         }
         if "pair_scorer" in specs:
-            t = torch_outputs(
-                modules["text_encoder"], {"input_ids": ids[:1], "lengths": lengths[:1]}, specs["text_encoder"]
-            )
-            v = torch_outputs(modules["video_encoder"], examples["video_encoder"], specs["video_encoder"])
+            t = torch_runners["text_encoder"].run({"input_ids": ids[:1], "lengths": lengths[:1]})
+            v = torch_runners["video_encoder"].run(examples["video_encoder"])
             examples["pair_scorer"] = {
                 "text_mu": t["text_mu"],
                 "text_sigma": t["text_sigma"],
@@ -150,8 +124,12 @@ def export_video_run(
             steps.update()
         shutil.copy2(Path(run) / TOKENIZER, tmp / "tokenizer.json")
 
-        runners = {name: Runner(tmp / f"{name}.onnx", spec, custom_ops) for name, spec in specs.items()}
-        parity, onnx_sim = onnx_parity(model, tokenizer, split, specs, modules, runners, limits)
+        # threads=0: ONNX Runtime's default, every core
+        runners = {
+            name: runner_for(tmp / f"{name}.onnx", spec, custom_ops, threads=0)
+            for name, spec in specs.items()
+        }
+        parity, onnx_sim = onnx_parity(model, tokenizer, split, BackendParity(torch_runners, runners), limits)
         steps.update()
         torch_sim = similarity(model, tokenizer, split)
         cap_to_video = split.caption_video_index()
@@ -159,61 +137,27 @@ def export_video_run(
             "pytorch": retrieval_metrics(torch_sim, cap_to_video),
             "onnx": retrieval_metrics(onnx_sim, cap_to_video),
         }
-        parity["runtime"] = "onnxruntime" if custom_ops == "standard" else "onnx.reference + xmr numpy ops"
+        parity["runtime"] = runners["text_encoder"].backend
         parity["split"] = f"{split.name}/{split.split}"
         parity["n_videos"], parity["n_captions"] = len(split), len(texts)
-        files = [f"{name}.onnx" for name in specs] + ["tokenizer.json"]
-        manifest = {
-            "model": config["model"],
-            "model_config": model.cfg.to_dict(),
-            "run": str(run),
-            "custom_ops": custom_ops,
-            "xmr_nodes": {
-                name: [n_.op_type for n_ in xmr_nodes(onnx.load(tmp / f"{name}.onnx"))] for name in specs
-            },
-            "preprocessing": {
-                "features": "backbone regions (B, F, K, D), see models/data/video.py",
-                "max_tokens": limits.max_tokens,
-                "max_bytes": limits.max_bytes,
-                "tokenizer": "tokenizer.json",
-            },
-            "specs": {name: spec.to_dict() for name, spec in specs.items()},
-            "files": file_facts(tmp, files),
-            "versions": versions(),
-            "parity": parity,
+        preprocessing = {
+            "features": "backbone regions (B, F, K, D), see models/data/video.py",
+            "max_tokens": limits.max_tokens,
+            "max_bytes": limits.max_bytes,
+            "tokenizer": "tokenizer.json",
         }
-        write_json(tmp / "manifest.json", manifest)
+        manifest = graphs_manifest(tmp, run, config["model"], model, specs, custom_ops, preprocessing, parity)
+        manifest.write(tmp)
         steps.update()
     steps.close()
-    return manifest
+    return manifest.to_dict()
 
 
-class ParityStats:
-    """Running max abs error and min cosine of every output of every exported graph, batch by batch."""
-
-    def __init__(self):
-        self.stats: dict[str, dict[str, dict[str, float]]] = {}
-
-    def add(self, graph: str, want: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> None:
-        for name in got:
-            p = (
-                tensor_parity(want[name].reshape(len(want[name]), -1), got[name].reshape(len(got[name]), -1))
-                if want[name].ndim > 1
-                else tensor_parity(want[name][None], got[name][None])
-            )
-            s = self.stats.setdefault(graph, {}).setdefault(name, {"max_abs_err": 0.0, "min_cosine": 1.0})
-            s["max_abs_err"] = max(s["max_abs_err"], p["max_abs_err"])
-            s["min_cosine"] = min(s["min_cosine"], p["min_cosine"])
-
-
-def onnx_parity(model, tokenizer, split, specs, modules, runners, limits, batch_size: int = 32):
+def onnx_parity(model, tokenizer, split, backends: BackendParity, limits, batch_size: int = 32):
     """Tensor errors of every exported output against PyTorch, and the ONNX (N_video, N_caption) scores."""
-    stats = ParityStats()
 
     def run(name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        got = runners[name].run(feeds)
-        stats.add(name, torch_outputs(modules[name], feeds, specs[name]), got)
-        return got
+        return backends.run(name, feeds)[1]
 
     texts = split.flat_captions()
     text_rows = []  # per caption: its outputs with padding cut off
@@ -229,7 +173,7 @@ def onnx_parity(model, tokenizer, split, specs, modules, runners, limits, batch_
             "video_encoder",
             dict(
                 zip(
-                    specs["video_encoder"].input_names,
+                    backends.candidate["video_encoder"].spec.input_names,
                     (x.numpy() for x in video_inputs(model, split, idx)),
                     strict=True,
                 )
@@ -257,4 +201,4 @@ def onnx_parity(model, tokenizer, split, specs, modules, runners, limits, batch_
             for t in tqdm(text_rows, desc="onnx pair scorer", leave=False)
         ]
         sim = np.stack(columns, axis=1)
-    return stats.stats, sim
+    return backends.stats.stats, sim

@@ -6,14 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from xmr.export.iospec import prota_pair_scorer_spec, prota_video_encoder_spec, video_text_encoder_spec
-from xmr.export.onnx_export import export_onnx
+from xmr.export.onnx_export import Tower, export_onnx
 from xmr.models.video.prota import (
     ProTA,
     ProTAConfig,
     ProTALoss,
     ProTAPairScorer,
-    ProTATextEncoder,
-    ProTAVideoEncoder,
     partial_aggregate,
     wasserstein2,
 )
@@ -201,9 +199,9 @@ def test_onnx_export_parity(tmp_path):
     pytest.importorskip("onnxruntime")
     model, g = tiny_model(), torch.Generator().manual_seed(8)
 
-    text = ProTATextEncoder(model)
+    text = Tower(model, "encode_text", ("embedding", "mu", "sigma"))
     export(text, random_text(g, 2, 5), "text_encoder", tmp_path / "text.onnx")
-    video = ProTAVideoEncoder(model)
+    video = Tower(model, "encode_video", ("embedding", "mu", "sigma"))
     export(video, random_video(g, 2, 5), "video_encoder", tmp_path / "video.onnx")
     scorer = ProTAPairScorer(model)
     with torch.no_grad():

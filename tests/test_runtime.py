@@ -93,3 +93,10 @@ def test_onnx_runner_checks_dtype_nan_and_file(tiny_artifacts, tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"not a model")
     with pytest.raises(InputError, match="not a loadable ONNX model"):
         OnnxRunner(tmp_path / "bad.onnx", text_encoder_spec(256))
+
+
+def test_onnx_runner_is_the_runners_one():
+    """The served models import OnnxRunner from runtime; it is the runner of `runners.py`."""
+    from xmr.export import runners
+
+    assert OnnxRunner is runners.OnnxRunner and OnnxRunner.backend == "onnxruntime"

@@ -251,25 +251,3 @@ class RVSE(nn.Module):
     def forward(self, x, input_ids, lengths) -> torch.Tensor:
         """Cosine similarity (B_img, B_txt)."""
         return self.encode_image(x) @ self.encode_text(input_ids, lengths).T
-
-
-class ImageEncoder(nn.Module):
-    """The image tower alone, as exported: normalised pixels (or regions) -> embedding."""
-
-    def __init__(self, model: RVSE):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(x)
-
-
-class TextEncoder(nn.Module):
-    """The text tower alone, as exported: token ids + lengths -> embedding."""
-
-    def __init__(self, model: RVSE):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(input_ids, lengths)

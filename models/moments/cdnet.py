@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmr.models.image_text.rvse import Block, TextTower
+from xmr.models.layers import masked_mean
 from xmr.models.ops.deform_sample import DeformSampler
 
 
@@ -68,12 +69,6 @@ class CDNetConfig:
         d = dict(d)
         d["grid"] = tuple(d.get("grid", cls.grid))
         return cls(**d)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T, C) -> (B, C) over valid steps, optionally weighted (B, T)."""
-    w = mask.to(x.dtype) if weights is None else weights * mask.to(x.dtype)
-    return (x * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
 
 
 class QSD(nn.Module):
@@ -236,7 +231,7 @@ class CDNet(nn.Module):
             "saliency": self.saliency_head(memory[:, :t]).squeeze(-1),  # (B, T)
             "align_logit": align_logit,
             "sentence": F.normalize(sentence, dim=-1),
-            "aligned_video": F.normalize(masked_mean(x, clip_mask, align), dim=-1),
+            "aligned_video": F.normalize(masked_mean(x, clip_mask, weights=align), dim=-1),
         }
 
 
@@ -252,27 +247,3 @@ def qsd_losses(
     per_clip = -(logits - torch.logaddexp(logits, negatives))  # -log softmax of each positive vs negatives
     clip_level = (per_clip * inside).sum() / inside.sum().clamp_min(1)
     return {"video_contrast": video_level, "clip_contrast": clip_level}
-
-
-class MomentModel(nn.Module):
-    """CDNet as exported: (clips, clip_mask, input_ids, lengths) -> (spans, logits, saliency)."""
-
-    def __init__(self, model: CDNet):
-        super().__init__()
-        self.model = model
-
-    def forward(self, clips, clip_mask, input_ids, lengths):
-        out = self.model(clips, clip_mask, input_ids, lengths)
-        return out["spans"], out["logits"], out["saliency"]
-
-
-class GridMomentModel(nn.Module):
-    """CDNet with a spatial grid per clip, as exported."""
-
-    def __init__(self, model: CDNet):
-        super().__init__()
-        self.model = model
-
-    def forward(self, clips, clip_mask, input_ids, lengths, grid):
-        out = self.model(clips, clip_mask, input_ids, lengths, grid)
-        return out["spans"], out["logits"], out["saliency"]

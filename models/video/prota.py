@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmr.models.image_text.rvse import Block, TextTower
+from xmr.models.layers import masked_mean
 from xmr.models.losses import InfoNCE
 from xmr.models.losses.mining import default_pos_mask
 
@@ -134,11 +135,6 @@ def gaussian_gram(cos: torch.Tensor, kernel_sigmas: tuple[float, ...]) -> torch.
     """Multi-kernel Gram of unit vectors from their cosine: mean_s exp(-||t - v||^2 / (2 s^2))."""
     d2 = (2.0 - 2.0 * cos).clamp_min(0.0)  # ||t - v||^2 of unit vectors
     return torch.stack([torch.exp(-d2 / (2.0 * s * s)) for s in kernel_sigmas]).mean(0)
-
-
-def masked_mean(x: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Tensor:
-    w = valid.to(x.dtype)
-    return (x * w).sum(dim) / w.sum(dim).clamp_min(1.0)
 
 
 def aggregate_rows(sim: torch.Tensor, row_valid: torch.Tensor, col_valid: torch.Tensor, lam: float):
@@ -297,30 +293,6 @@ class ProTALoss(nn.Module):
 
 # The tensor names, dtypes and dynamic dims of these parts are in export/iospec.py
 # (video_text_encoder_spec(tokens=True), prota_video_encoder_spec, prota_pair_scorer_spec).
-
-
-class ProTATextEncoder(nn.Module):
-    """(input_ids, lengths) -> (text_embedding (B, D), text_mu (B, N, D), text_sigma (B, N, D))."""
-
-    def __init__(self, model: ProTA):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor):
-        t = self.model.encode_text(input_ids, lengths)
-        return t.embedding, t.mu, t.sigma
-
-
-class ProTAVideoEncoder(nn.Module):
-    """(frames (B, M, F), frame_mask (B, M) bool) -> (video_embedding, video_mu, video_sigma)."""
-
-    def __init__(self, model: ProTA):
-        super().__init__()
-        self.model = model
-
-    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor):
-        v = self.model.encode_video(frames, frame_mask)
-        return v.embedding, v.mu, v.sigma
 
 
 class ProTAPairScorer(nn.Module):

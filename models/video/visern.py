@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmr.models.image_text.rvse import Block
+from xmr.models.layers import masked_mean
 from xmr.models.ops.random_walk_gcn import RandomWalkGCNLayer
 
 
@@ -57,12 +58,6 @@ class ViSERNConfig:
         d = dict(d)
         d["conv_kernels"] = tuple(d.get("conv_kernels", cls.conv_kernels))
         return cls(**d)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, C), (B, T) bool -> (B, C); a row with no valid step gives 0."""
-    w = mask.unsqueeze(-1).to(x.dtype)
-    return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
 
 
 class MultiLevelEncoder(nn.Module):
@@ -143,25 +138,3 @@ class ViSERN(nn.Module):
     def forward(self, regions, frame_mask, input_ids, lengths) -> torch.Tensor:
         """Cosine similarity (B_video, B_text)."""
         return self.encode_video(regions, frame_mask) @ self.encode_text(input_ids, lengths).T
-
-
-class VideoEncoder(nn.Module):
-    """The video tower alone, as exported."""
-
-    def __init__(self, model: ViSERN):
-        super().__init__()
-        self.model = model
-
-    def forward(self, regions: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_video(regions, frame_mask)
-
-
-class TextEncoder(nn.Module):
-    """The text tower alone, as exported."""
-
-    def __init__(self, model: ViSERN):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(input_ids, lengths)

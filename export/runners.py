@@ -1,0 +1,152 @@
+"""One interface over every backend that runs an exported model: `run(feeds) -> outputs`, by tensor name.
+
+A runner holds the model's I/O spec (`spec`, from `iospec.py`), a `backend` label (what the manifests'
+`parity.runtime` says) and `run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]` (Polygraphy's
+runner convention), so exports, tests and benchmarks compare backends without knowing which they hold:
+- `TorchRunner`: a PyTorch module (a `Tower` of the trained model), the reference of every parity figure;
+- `OnnxRunner`: ONNX Runtime on CPU, checked against the spec (the served Triton models run it too);
+- `ReferenceRunner`: `onnx.reference.ReferenceEvaluator` with the numpy implementations of the `xmr` ops,
+  for plugin-form graphs that no stock runtime can run.
+
+A new backend (TensorRT, a served model behind Triton) is one more class with `spec`, `backend` and `run`,
+registered in `BACKENDS`; `FORM_BACKENDS` says which backend checks a graph of each custom-op form.
+Each backend's library is imported when a runner of it is built, not with this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from xmr.export.iospec import ModelSpec
+from xmr.models.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+Feeds = dict[str, np.ndarray]
+
+
+class Runner(Protocol):
+    spec: ModelSpec
+    backend: str
+
+    def run(self, feeds: Feeds) -> Feeds: ...
+
+
+def check_finite(name: str, x: np.ndarray) -> None:
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise InputError(f"input {name!r} contains NaN or infinite values")
+
+
+def check_feeds(spec: ModelSpec, feeds: Feeds) -> Feeds:
+    """The spec's inputs from `feeds`, in spec order; InputError on a missing input, a wrong dtype, a NaN."""
+    for t in spec.inputs:
+        if t.name not in feeds:
+            raise InputError(f"missing input {t.name!r} for {spec.name}")
+        x = feeds[t.name]
+        if x.dtype != t.numpy_dtype:
+            raise InputError(f"input {t.name!r} has dtype {x.dtype}; expected {t.dtype}")
+        check_finite(t.name, x)
+    return {t.name: feeds[t.name] for t in spec.inputs}
+
+
+def named_outputs(spec: ModelSpec, outputs) -> Feeds:
+    """A backend's positional outputs (a sequence, or one array) -> {output name: array}."""
+    outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
+    return dict(zip(spec.output_names, outputs, strict=True))
+
+
+class TorchRunner:
+    """A PyTorch module whose forward takes the spec's inputs by position and returns its outputs in order."""
+
+    backend = "pytorch"
+
+    def __init__(self, module: torch.nn.Module, spec: ModelSpec):
+        self.module, self.spec = module.eval(), spec
+
+    def run(self, feeds: Feeds) -> Feeds:
+        import torch
+
+        feeds = check_feeds(self.spec, feeds)
+        with torch.no_grad():
+            out = self.module(*(torch.from_numpy(x) for x in feeds.values()))
+        return {name: o.numpy() for name, o in named_outputs(self.spec, out).items()}
+
+
+class OnnxRunner:
+    """An ONNX Runtime CPU session for one exported model, checked against its I/O spec.
+
+    `threads` sets the session's intra-op threads (0: ONNX Runtime's default, one per core).
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, spec: ModelSpec, threads: int = 1):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"ONNX model {path} does not exist")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types on corrupt files
+            raise InputError(f"{path} is not a loadable ONNX model: {e}") from e
+        self.spec = spec
+        got = [i.name for i in self.session.get_inputs()]
+        if got != spec.input_names:
+            raise InputError(f"{path} has inputs {got}; its I/O spec says {spec.input_names}")
+
+    def run(self, feeds: Feeds) -> Feeds:
+        return named_outputs(
+            self.spec, self.session.run(self.spec.output_names, check_feeds(self.spec, feeds))
+        )
+
+    def run_requests(self, requests: list[Feeds]) -> list[Feeds | InputError]:
+        """Run several requests as one batch (padding dynamic dims); a bad request gets its error back."""
+        from xmr.export.runtime import run_batched
+
+        return run_batched(requests, self.run)
+
+
+class ReferenceRunner:
+    """The ONNX reference evaluator with the `xmr` ops' numpy implementations (slow; any graph, any form)."""
+
+    backend = "onnx.reference + xmr numpy ops"
+
+    def __init__(self, path: str | Path, spec: ModelSpec):
+        from xmr.models.ops.onnx_domain import reference_evaluator
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"ONNX model {path} does not exist")
+        self.session, self.spec = reference_evaluator(str(path)), spec
+
+    def run(self, feeds: Feeds) -> Feeds:
+        return named_outputs(
+            self.spec, self.session.run(self.spec.output_names, check_feeds(self.spec, feeds))
+        )
+
+
+# backend name -> a runner of an exported file: (path, spec, threads) -> Runner; `threads` is the CPU threads
+# it may use (0: the backend's default), ignored by a backend that has no such setting
+BACKENDS: dict[str, Callable[[str | Path, ModelSpec, int], Runner]] = {
+    "onnxruntime": lambda path, spec, threads: OnnxRunner(path, spec, threads),
+    "reference": lambda path, spec, threads: ReferenceRunner(path, spec),
+}
+# custom-op form of an exported graph -> the backend that runs it
+FORM_BACKENDS = {"standard": "onnxruntime", "plugin": "reference"}
+
+
+def runner_for(path: str | Path, spec: ModelSpec, custom_ops: str = "standard", threads: int = 1) -> Runner:
+    """The runner for a graph of custom-op form `custom_ops`: ONNX Runtime for "standard", the reference
+    evaluator for "plugin" (its `xmr` nodes exist in no stock runtime)."""
+    if custom_ops not in FORM_BACKENDS:
+        raise InputError(f"custom-ops form {custom_ops!r}; valid: {', '.join(FORM_BACKENDS)}")
+    return BACKENDS[FORM_BACKENDS[custom_ops]](path, spec, threads)
