@@ -11,29 +11,20 @@ random-span baseline (10 random spans per query, random scores) for scale.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 from xmr.export.moment_export import export_moment_run
 from xmr.models.train.moments import MomentTrainConfig, train_moment
+from xmr.perf.tables import header, report_parser, row
 
 COLUMNS = ("R1@0.5", "R1@0.7", "mAP@0.5", "mAP@0.75", "mAP", "mIoU")
 
 
-def row(variant: str, backend: str, metrics: dict) -> str:
-    return f"| {variant} | {backend} | " + " | ".join(f"{metrics[c]:.1f}" for c in COLUMNS) + " |"
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m xmr.perf.moment_retrieval", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--out", type=Path, default=Path("perf/results/moments"))
-    parser.add_argument("--epochs", type=int, default=12)
+    parser = report_parser("moment_retrieval", __doc__, "perf/results/moments", epochs=12)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    lines = ["| CDD sampling | backend | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    lines = header(("CDD sampling", "backend"), COLUMNS)
     report = {}
     for grid in (False, True):
         variant = "(t, y, x) trilinear" if grid else "t (1-D)"
@@ -44,14 +35,14 @@ def main(argv: list[str] | None = None) -> None:
         report[variant] = {"train": metrics, "standard": standard["parity"], "plugin": plugin["parity"]}
         n = plugin["parity"]["n_queries"]
         lines += [
-            row(variant, "random spans", metrics["random_baseline"]),
-            row(variant, "PyTorch", standard["parity"]["moments"]["pytorch"]),
-            row(variant, "ONNX Runtime (standard ops)", standard["parity"]["moments"]["onnx"]),
-            row(variant, f"PyTorch, first {n} queries", plugin["parity"]["moments"]["pytorch"]),
+            row((variant, "random spans"), metrics["random_baseline"], COLUMNS),
+            row((variant, "PyTorch"), standard["parity"]["moments"]["pytorch"], COLUMNS),
+            row((variant, "ONNX Runtime (standard ops)"), standard["parity"]["moments"]["onnx"], COLUMNS),
+            row((variant, f"PyTorch, first {n} queries"), plugin["parity"]["moments"]["pytorch"], COLUMNS),
             row(
-                variant,
-                f"xmr plugin node (reference evaluator), first {n} queries",
+                (variant, f"xmr plugin node (reference evaluator), first {n} queries"),
                 plugin["parity"]["moments"]["onnx"],
+                COLUMNS,
             ),
         ]
         (args.out / "moment_retrieval.json").write_text(json.dumps(report, indent=2))

@@ -11,12 +11,11 @@ text->video R@1 = 0.33%.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 from xmr.export.video_export import export_video_run
 from xmr.models.train.video import VideoTrainConfig, train_video
+from xmr.perf.tables import header, report_parser, row
 
 COLUMNS = (
     "t2i_R@1",
@@ -46,37 +45,34 @@ HEADER = (
 )
 
 
-def row(label: str, metrics: dict) -> str:
-    return f"| {label} | " + " | ".join(f"{metrics[c]:.1f}" for c in COLUMNS) + " |"
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m xmr.perf.video_retrieval", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--out", type=Path, default=Path("perf/results/video"))
-    parser.add_argument("--epochs", type=int, default=8)
+    parser = report_parser("video_retrieval", __doc__, "perf/results/video", epochs=8)
     parser.add_argument("--models", nargs="+", default=["visern", "prota"], choices=["visern", "prota"])
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    lines = ["| model | backend | " + " | ".join(HEADER) + " |", "|---" * (len(HEADER) + 2) + "|"]
+    lines = header(("model", "backend"), HEADER)
     report = {}
     for model in args.models:
         run = args.out / "runs" / model
         metrics = train_video(VideoTrainConfig(model=model, epochs=args.epochs), run)
         standard = export_video_run(run, args.out / "artifacts" / f"{model}-standard", "standard")
         report[model] = {"train": metrics, "standard": standard["parity"]}
-        lines.append(row(f"{model} | PyTorch", standard["parity"]["recall"]["pytorch"]))
-        lines.append(row(f"{model} | ONNX Runtime (standard ops)", standard["parity"]["recall"]["onnx"]))
+        lines.append(row((model, "PyTorch"), standard["parity"]["recall"]["pytorch"], COLUMNS))
+        lines.append(
+            row((model, "ONNX Runtime (standard ops)"), standard["parity"]["recall"]["onnx"], COLUMNS)
+        )
         if model == "visern":
             plugin = export_video_run(run, args.out / "artifacts" / f"{model}-plugin", "plugin")
             report[model]["plugin"] = plugin["parity"]
             n = plugin["parity"]["n_videos"]
-            lines.append(row(f"{model} | PyTorch, first {n} videos", plugin["parity"]["recall"]["pytorch"]))
+            lines.append(
+                row((model, f"PyTorch, first {n} videos"), plugin["parity"]["recall"]["pytorch"], COLUMNS)
+            )
             lines.append(
                 row(
-                    f"{model} | xmr plugin nodes (reference evaluator), first {n} videos",
+                    (model, f"xmr plugin nodes (reference evaluator), first {n} videos"),
                     plugin["parity"]["recall"]["onnx"],
+                    COLUMNS,
                 )
             )
         (args.out / "video_retrieval.json").write_text(json.dumps(report, indent=2))

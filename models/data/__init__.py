@@ -7,9 +7,7 @@ training loop use; ``DATASETS`` is the registry it dispatches on.
 
 from __future__ import annotations
 
-import dataclasses
-
-from xmr.models.data.base import RetrievalSplit
+from xmr.models.data.base import RetrievalSplit, config_with
 from xmr.models.data.precomputed import load_precomputed
 from xmr.models.data.shapes import ShapesConfig, make_shapes
 from xmr.models.errors import InputError
@@ -28,13 +26,7 @@ def load_split(name: str, split: str, root: str | None = None, **overrides) -> R
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
     if name == "shapes":
-        fields = {f.name for f in dataclasses.fields(ShapesConfig)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise InputError(
-                f"unknown shapes option(s) {unknown}; expected ShapesConfig fields {sorted(fields)}"
-            )
-        return make_shapes(split, ShapesConfig(**overrides))
+        return make_shapes(split, config_with(ShapesConfig, overrides, "shapes"))
     if root is None:
         raise InputError(
             "dataset 'precomputed' needs root: the folder with {split}_ims.npy and {split}_caps.txt"

@@ -7,9 +7,12 @@ flat caption list used for text-to-image evaluation keeps caption ``j`` of image
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+
+from xmr.models.errors import InputError
 
 
 @dataclass
@@ -36,3 +39,14 @@ class RetrievalSplit:
     def caption_image_index(self) -> np.ndarray:
         """(N * captions_per_image,) int64: the image index each flat caption describes."""
         return np.repeat(np.arange(len(self.captions), dtype=np.int64), self.captions_per_image)
+
+
+def config_with(config_cls, overrides: dict, dataset: str):
+    """`config_cls(**overrides)`, or an InputError naming the unknown options and the valid ones."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise InputError(
+            f"unknown {dataset} option(s) {unknown}; expected {config_cls.__name__} fields {sorted(fields)}"
+        )
+    return config_cls(**overrides)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xmr.models.data.base import config_with
 from xmr.models.data.moving_shapes import MomentQuery, MovingShapesConfig, VideoSplit, make_moving_shapes
 from xmr.models.data.video_features import VideoFeatureSplit, load_video_features
 from xmr.models.errors import InputError
@@ -229,14 +230,7 @@ def load_video_split(
     if name not in VIDEO_DATASETS:
         raise InputError(f"unknown video dataset {name!r}; expected one of {sorted(VIDEO_DATASETS)}")
     if name == "moving-shapes":
-        fields = {f.name for f in dataclasses.fields(MovingShapesConfig)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise InputError(
-                f"unknown moving-shapes option(s) {unknown}; "
-                f"expected MovingShapesConfig fields {sorted(fields)}"
-            )
-        cfg = MovingShapesConfig(**overrides)
+        cfg = config_with(MovingShapesConfig, overrides, "moving-shapes")
         return load_moving_shapes_features(split, cfg, cache_dir, backbone or BackboneConfig())
     if root is None:
         raise InputError("dataset 'video-features' needs root: the folder with features/ and captions.json")

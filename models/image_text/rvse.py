@@ -203,6 +203,20 @@ class TextTower(nn.Module):
         self.ln = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, out_dim)
 
+    @classmethod
+    def of(cls, cfg) -> TextTower:
+        """The tower of a model config with the text fields vocab_size, word_dim, text_heads, text_layers,
+        max_tokens, dropout and embed_dim (RVSEConfig, ProTAConfig)."""
+        return cls(
+            cfg.vocab_size,
+            cfg.word_dim,
+            cfg.text_heads,
+            cfg.text_layers,
+            cfg.max_tokens,
+            cfg.dropout,
+            cfg.embed_dim,
+        )
+
     def tokens(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Contextual token states (B, T, C) and the valid-token mask (B, T)."""
         t = input_ids.shape[1]
@@ -230,15 +244,7 @@ class RVSE(nn.Module):
             raise ValueError("RVSEConfig.vocab_size must be set from the tokenizer (got 0)")
         self.cfg = cfg
         self.image = ImageTower(cfg)
-        self.text = TextTower(
-            cfg.vocab_size,
-            cfg.word_dim,
-            cfg.text_heads,
-            cfg.text_layers,
-            cfg.max_tokens,
-            cfg.dropout,
-            cfg.embed_dim,
-        )
+        self.text = TextTower.of(cfg)
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels, or (B, R, Dr) region features -> (B, D) unit vectors."""

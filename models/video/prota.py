@@ -217,15 +217,7 @@ class ProTA(nn.Module):
                 "from the tokenizer and the data"
             )
         self.cfg = cfg
-        self.text = TextTower(
-            cfg.vocab_size,
-            cfg.word_dim,
-            cfg.text_heads,
-            cfg.text_layers,
-            cfg.max_tokens,
-            cfg.dropout,
-            cfg.embed_dim,
-        )
+        self.text = TextTower.of(cfg)
         self.text_head = GaussianHead(cfg.word_dim, cfg.embed_dim, mu=self.text.proj)  # reuse: no dead params
         self.video = VideoTower(cfg)
         self.video_head = GaussianHead(cfg.embed_dim, cfg.embed_dim)
