@@ -40,7 +40,7 @@ from xmr.models.evaluate.retrieval import retrieval_metrics
 from xmr.models.evaluate.video import similarity
 from xmr.models.tokenizer import TextLimits, encode_batch
 from xmr.models.video.inputs import video_inputs
-from xmr.models.video.prota import ProTA, ProTAPairScorer
+from xmr.models.video.prota import ProTA
 from xmr.models.video.visern import ViSERN
 
 CUSTOM_OPS = ("standard", "plugin")
@@ -68,7 +68,7 @@ def modules_for(model) -> dict[str, torch.nn.Module]:
     return {
         "text_encoder": Tower(model, "encode_text", ("embedding", "mu", "sigma")),
         "video_encoder": Tower(model, "encode_video", ("embedding", "mu", "sigma")),
-        "pair_scorer": ProTAPairScorer(model),
+        "pair_scorer": Tower(model, "rerank"),
     }
 
 

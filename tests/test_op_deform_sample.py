@@ -20,10 +20,10 @@ import torch
 
 from xmr.export.iospec import ModelSpec, TensorSpec
 from xmr.export.onnx_export import export_onnx
+from xmr.export.trt_engine import run_tensorrt
 from xmr.models.ops.deform_sample import DeformSampler, deform_sample, deform_sample_reference
 from xmr.models.ops.deform_sample.numpy_ref import DeformSample
 from xmr.models.ops.onnx_domain import reference_evaluator, register_schemas, xmr_nodes
-from xmr.models.ops.tensorrt_runtime import run_tensorrt
 
 torch.set_num_threads(1)
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from xmr.export.iospec import ModelSpec, TensorSpec
 from xmr.export.onnx_export import export_onnx
+from xmr.export.trt_engine import run_tensorrt
 from xmr.models.ops.onnx_domain import reference_evaluator, register_schemas, xmr_nodes
 from xmr.models.ops.random_walk_gcn import (
     AFFINITIES,
@@ -30,7 +31,6 @@ from xmr.models.ops.random_walk_gcn import (
     transition_matrix,
 )
 from xmr.models.ops.random_walk_gcn.numpy_ref import RandomWalkGCN
-from xmr.models.ops.tensorrt_runtime import run_tensorrt
 
 torch.set_num_threads(1)
 

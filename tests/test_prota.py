@@ -11,7 +11,6 @@ from xmr.models.video.prota import (
     ProTA,
     ProTAConfig,
     ProTALoss,
-    ProTAPairScorer,
     partial_aggregate,
     wasserstein2,
 )
@@ -116,15 +115,14 @@ def test_appended_padding_does_not_change_scores():
 
 
 @torch.no_grad()
-def test_pair_scorer_equals_pair_scores():
+def test_rerank_equals_pair_scores():
     model, g = tiny_model(), torch.Generator().manual_seed(5)
     ids, lengths = random_text(g, 3, 7)
     t = model.encode_text(ids, lengths)
     v = model.encode_video(*random_video(g, 6, 9))
     full = model.pair_scores(t, v)
-    scorer = ProTAPairScorer(model)
     for q in range(3):
-        got = scorer(t.mu[q : q + 1], t.sigma[q : q + 1], lengths[q : q + 1], v.mu, v.sigma, v.mask)
+        got = model.rerank(t.mu[q : q + 1], t.sigma[q : q + 1], lengths[q : q + 1], v.mu, v.sigma, v.mask)
         assert got.shape == (6,)
         assert torch.allclose(got, full[q], atol=1e-6)
 
@@ -203,7 +201,7 @@ def test_onnx_export_parity(tmp_path):
     export(text, random_text(g, 2, 5), "text_encoder", tmp_path / "text.onnx")
     video = Tower(model, "encode_video", ("embedding", "mu", "sigma"))
     export(video, random_video(g, 2, 5), "video_encoder", tmp_path / "video.onnx")
-    scorer = ProTAPairScorer(model)
+    scorer = Tower(model, "rerank")
     with torch.no_grad():
         t, v = text(*random_text(g, 1, 5)), video(*random_video(g, 3, 6))
     example = (t[1], t[2], torch.tensor([4]), v[1], v[2], torch.ones(3, 6, dtype=torch.bool))

@@ -239,6 +239,17 @@ class ProTA(nn.Module):
         terms = score_terms(text, video, cfg.lam, cfg.kernel_sigmas)
         return cfg.w_low * terms["low"] + cfg.w_high * terms["high"] + cfg.w_prob * terms["prob"]
 
+    # The exported parts are `encode_text`, `encode_video` and `rerank`; their tensor names, dtypes and
+    # dynamic dims are in export/iospec.py (video_text_encoder_spec(tokens=True), prota_video_encoder_spec,
+    # prota_pair_scorer_spec).
+    def rerank(self, text_mu, text_sigma, lengths, video_mu, video_sigma, frame_mask) -> torch.Tensor:
+        """The served pair scorer: one query's token Gaussians (1, N, D) x2 with its length (1,) against a
+        shortlist of K videos' (K, M, D) x2 with their frame mask (K, M) -> scores (K,)."""
+        text_valid = torch.arange(text_mu.shape[1], device=text_mu.device).unsqueeze(0) < lengths.unsqueeze(1)
+        text = TextTokens(None, text_mu, text_sigma, text_valid)
+        video = VideoTokens(None, video_mu, video_sigma, frame_mask)
+        return self.pair_scores(text, video).squeeze(0)  # (1, K) -> (K,)
+
     def forward(self, frames, mask, input_ids, lengths) -> torch.Tensor:
         """(B_txt, B_vid) scores."""
         return self.pair_scores(self.encode_text(input_ids, lengths), self.encode_video(frames, mask))
@@ -279,23 +290,3 @@ class ProTALoss(nn.Module):
         loss = nce + self.beta * kl
         parts = {"nce": nce.detach(), "kl": kl.detach(), "margin": margins.sum().detach() / pos.sum()}
         return loss, parts
-
-
-# ----------------------------------------------------------------------------- exportable parts
-
-# The tensor names, dtypes and dynamic dims of these parts are in export/iospec.py
-# (video_text_encoder_spec(tokens=True), prota_video_encoder_spec, prota_pair_scorer_spec).
-
-
-class ProTAPairScorer(nn.Module):
-    """Re-ranks a shortlist of K videos for one query: token Gaussians of both -> scores (K,)."""
-
-    def __init__(self, model: ProTA):
-        super().__init__()
-        self.model = model
-
-    def forward(self, text_mu, text_sigma, lengths, video_mu, video_sigma, frame_mask) -> torch.Tensor:
-        text_valid = torch.arange(text_mu.shape[1], device=text_mu.device).unsqueeze(0) < lengths.unsqueeze(1)
-        text = TextTokens(None, text_mu, text_sigma, text_valid)
-        video = VideoTokens(None, video_mu, video_sigma, frame_mask)
-        return self.model.pair_scores(text, video).squeeze(0)  # (1, K) -> (K,)

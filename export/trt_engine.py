@@ -1,9 +1,9 @@
-"""Run an ONNX graph of the ops in TensorRT: parse it with TensorRT's ONNX parser, build an engine for the
-given input shapes, run it on CUDA buffers (torch tensors), and return the outputs as numpy arrays.
+"""Run an ONNX graph in TensorRT: parse it with TensorRT's ONNX parser, build a float32 engine for the given
+input shapes, run it on CUDA buffers (torch tensors), and return the outputs as numpy arrays.
 
-Needs the `tensorrt` package and a CUDA device; nothing imports it at module level, so this file imports
-anywhere. The ops' tests run the standard export form through it; a TensorRT plugin of an op will run
-through it too, once its library is loaded into TensorRT's plugin registry.
+Needs the `tensorrt` package and a CUDA device; nothing imports them at module level, so this file imports
+anywhere. The custom ops' parity tests run their standard export form through it; the ops' TensorRT
+plugins and the FP16/INT8 engine builder will build on it.
 """
 
 from __future__ import annotations
