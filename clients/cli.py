@@ -110,25 +110,23 @@ def evaluate_cmd(run: Path, split: str = typer.Option("test", help="split to sco
     model, tokenizer, config = load_run(run)
     tc = config["train_config"]
     if config["model"] == "cdnet":
+        from xmr.models.data.video import VideoData
         from xmr.models.evaluate.moments import evaluate_moments, random_baseline
-        from xmr.models.train.moments import MomentTrainConfig
 
-        c = MomentTrainConfig(**tc)
-        splits = c.video_data().splits()
+        splits = VideoData.of(tc).splits()
         if split not in splits:
             raise InputError(f"unknown split {split!r}; valid: {', '.join(splits)}")
         metrics = evaluate_moments(model, tokenizer, splits[split])
         write_json(run / f"eval_{split}.json", metrics)
-        baseline = random_baseline(splits[split], model.cfg.num_queries, c.seed)
+        baseline = random_baseline(splits[split], model.cfg.num_queries, tc.get("seed", 0))
         _print_moments({f"CDNet ({split})": metrics, "random spans": baseline})
         return
     if config["model"] == "rvse":
         from xmr.models.data import load_split
         from xmr.models.evaluate.image_text import evaluate
-        from xmr.models.train.image_text import subset
 
         data = load_split(tc["data"], split, root=tc.get("data_root"))
-        data = subset(data, tc["n_eval"]) if tc.get("n_eval") else data
+        data = data.subset(tc["n_eval"]) if tc.get("n_eval") else data
         metrics = evaluate(model, tokenizer, data)
     else:
         from xmr.models.data.video import VideoData

@@ -22,13 +22,13 @@ from xmr.export.parity import BackendParity
 from xmr.export.runners import TorchRunner, runner_for
 from xmr.export.video_export import CUSTOM_OPS
 from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run
+from xmr.models.data.video import VideoData
 from xmr.models.errors import InputError
 from xmr.models.evaluate.moment_metrics import moment_metrics
 from xmr.models.moments.cdnet import CDNet
 from xmr.models.moments.items import batch_inputs, moment_items
 from xmr.models.moments.postprocess import postprocess
 from xmr.models.tokenizer import TextLimits
-from xmr.models.train.moments import MomentTrainConfig
 
 
 def moment_model_spec(model: CDNet, grid_hw: tuple[int, int]) -> ModelSpec:
@@ -61,8 +61,7 @@ def export_moment_run(
     model, tokenizer, config = load_run(Path(run))
     if not isinstance(model, CDNet):
         raise InputError(f"{run} holds a {config['model']!r} model; moment export takes cdnet")
-    tc = MomentTrainConfig(**config["train_config"])
-    test = tc.video_data().splits()["test"]
+    test = VideoData.of(config["train_config"]).splits()["test"]
     items = moment_items(test)
     n = parity_queries or (len(items.texts) if custom_ops == "standard" else min(32, len(items.texts)))
     limits = TextLimits(max_tokens=model.cfg.max_tokens)

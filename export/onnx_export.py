@@ -187,13 +187,7 @@ def export_run(
         train_cfg = config["train_config"]
         split = load_split(train_cfg["data"], gallery_split, root=train_cfg.get("data_root"))
         if train_cfg.get("n_eval"):
-            split = RetrievalSplit(
-                split.name,
-                split.split,
-                split.images[: train_cfg["n_eval"]],
-                split.captions[: train_cfg["n_eval"]],
-                split.kind,
-            )
+            split = split.subset(train_cfg["n_eval"])
     specs = image_text_specs(cfg.embed_dim, cfg.image_size, cfg.region_dim)
     limits = TextLimits(max_tokens=cfg.max_tokens)
     steps = tqdm(total=5, desc="export", unit="step")

@@ -26,7 +26,7 @@ from xmr.models.evaluate.image_text import embed_images, embed_texts
 from xmr.models.evaluate.retrieval import retrieval_metrics
 from xmr.models.image_text.relevance import ndcg_at_k, relevance
 from xmr.models.losses import LOSSES
-from xmr.models.train.image_text import TrainConfig, subset, train
+from xmr.models.train.image_text import TrainConfig, train
 
 COLUMNS = (
     "i2t_R@1",
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    test = subset(load_split("shapes", "test"), args.n_eval)
+    test = load_split("shapes", "test").subset(args.n_eval)
     labels = relevance(test.captions, "lexical")  # (N_img, N_cap) continuous labels for NDCG
     rows = previous_rows(args.out / "losses.csv", keep_losses=set(LOSSES) - set(args.losses))
     for name in args.losses:

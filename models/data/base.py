@@ -36,6 +36,10 @@ class RetrievalSplit:
         """All captions, caption ``j`` of image ``i`` at index ``i * captions_per_image + j``."""
         return [c for caps in self.captions for c in caps]
 
+    def subset(self, n: int) -> RetrievalSplit:
+        """The first ``n`` images with their captions (quick runs, tests)."""
+        return RetrievalSplit(self.name, self.split, self.images[:n], self.captions[:n], self.kind)
+
     def caption_image_index(self) -> np.ndarray:
         """(N * captions_per_image,) int64: the image index each flat caption describes."""
         return np.repeat(np.arange(len(self.captions), dtype=np.int64), self.captions_per_image)

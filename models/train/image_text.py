@@ -58,12 +58,8 @@ def load_splits(cfg: TrainConfig) -> dict[str, RetrievalSplit]:
         ("train", "val", "test"), names, (cfg.n_train, cfg.n_eval, cfg.n_eval), strict=True
     ):
         split = load_split(cfg.data, name, root=cfg.data_root)
-        splits[role] = subset(split, n) if n else split
+        splits[role] = split.subset(n) if n else split
     return splits
-
-
-def subset(split: RetrievalSplit, n: int) -> RetrievalSplit:
-    return RetrievalSplit(split.name, split.split, split.images[:n], split.captions[:n], split.kind)
 
 
 def make_model_config(split: RetrievalSplit, vocab_size: int, overrides: dict | None = None) -> RVSEConfig:
