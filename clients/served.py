@@ -32,13 +32,18 @@ def served_outputs(
     texts = split.flat_captions()
     parts = [
         client.text_search(texts[i : i + batch_size], k)
-        for i in tqdm(range(0, len(texts), batch_size), desc="served text_search", leave=False)
+        for i in tqdm(range(0, len(texts), batch_size), desc="served text_search", leave=False, disable=None)
     ]
     img = (
         np.concatenate(
             [
                 client.image_embed(split.images[i : i + batch_size])
-                for i in tqdm(range(0, len(split.images), batch_size), desc="served image_embed", leave=False)
+                for i in tqdm(
+                    range(0, len(split.images), batch_size),
+                    desc="served image_embed",
+                    leave=False,
+                    disable=None,
+                )
             ]
         )
         if images

@@ -67,7 +67,7 @@ def export_moment_run(
     limits = TextLimits(max_tokens=model.cfg.max_tokens)
     spec = moment_model_spec(model, test.grid)
     module = Tower(model, "forward", tuple(spec.output_names))  # CDNet's output dict -> the spec's outputs
-    steps = tqdm(total=3, desc=f"export cdnet ({custom_ops})", unit="step")
+    steps = tqdm(total=3, desc=f"export cdnet ({custom_ops})", unit="step", disable=None)
     with atomic_dir(Path(out)) as tmp:
         example = [
             t for t in batch_inputs(model, test, items, np.arange(2), tokenizer, limits) if t is not None
@@ -80,7 +80,7 @@ def export_moment_run(
         runner = runner_for(tmp / "moment_model.onnx", spec, custom_ops, threads=0)
         backends = BackendParity({"moment_model": TorchRunner(module, spec)}, {"moment_model": runner})
         torch_pred, onnx_pred = [], []
-        for i in tqdm(range(0, n, 16), desc="parity", leave=False):
+        for i in tqdm(range(0, n, 16), desc="parity", leave=False, disable=None):
             idx = np.arange(i, min(i + 16, n))
             inputs = [t for t in batch_inputs(model, test, items, idx, tokenizer, limits) if t is not None]
             feeds = {name: t.numpy() for name, t in zip(spec.input_names, inputs, strict=True)}

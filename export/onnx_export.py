@@ -162,7 +162,7 @@ def onnx_embed_texts(
     runner: Runner, tokenizer, texts: list[str], limits: TextLimits, batch_size: int = 512
 ) -> np.ndarray:
     chunks = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="onnx texts", leave=False):
+    for i in tqdm(range(0, len(texts), batch_size), desc="onnx texts", leave=False, disable=None):
         ids, lengths = encode_batch(tokenizer, texts[i : i + batch_size], limits)
         chunks.append(runner.run({"input_ids": ids, "lengths": lengths})["text_embedding"])
     return np.concatenate(chunks)
@@ -172,7 +172,7 @@ def onnx_embed_images(runner: Runner, images: np.ndarray, model: RVSE, batch_siz
     name = runner.spec.inputs[0].name
     chunks = [
         runner.run({name: image_inputs(images[i : i + batch_size], model.cfg).numpy()})["image_embedding"]
-        for i in tqdm(range(0, len(images), batch_size), desc="onnx images", leave=False)
+        for i in tqdm(range(0, len(images), batch_size), desc="onnx images", leave=False, disable=None)
     ]
     return np.concatenate(chunks)
 
@@ -190,7 +190,7 @@ def export_run(
             split = split.subset(train_cfg["n_eval"])
     specs = image_text_specs(cfg.embed_dim, cfg.image_size, cfg.region_dim)
     limits = TextLimits(max_tokens=cfg.max_tokens)
-    steps = tqdm(total=5, desc="export", unit="step")
+    steps = tqdm(total=5, desc="export", unit="step", disable=None)
     with atomic_dir(Path(out)) as tmp:
         ids, lengths = encode_batch(tokenizer, split.flat_captions()[:4], limits)
         export_onnx(

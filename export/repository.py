@@ -316,7 +316,7 @@ def build_repository(artifacts: Path, out: Path, target: str = "cpu") -> Path:
     )
     texts = repository_texts(manifest, target, engines)
     with atomic_dir(Path(out)) as tmp:
-        for name in tqdm(served_models(manifest), desc="repository", unit="model"):
+        for name in tqdm(served_models(manifest), desc="repository", unit="model", disable=None):
             version = tmp / name / "1"
             version.mkdir(parents=True)  # an ensemble's stays empty
             for dest, src in artifact_files(name, target, engines).items():

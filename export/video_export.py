@@ -99,7 +99,9 @@ def export_video_run(
     specs, modules = specs_for(model, split.regions.shape[2]), modules_for(model)
     torch_runners = {name: TorchRunner(modules[name], spec) for name, spec in specs.items()}
     texts = split.flat_captions()
-    steps = tqdm(total=len(specs) + 2, desc=f"export {config['model']} ({custom_ops})", unit="step")
+    steps = tqdm(
+        total=len(specs) + 2, desc=f"export {config['model']} ({custom_ops})", unit="step", disable=None
+    )
     with atomic_dir(Path(out)) as tmp:
         ids, lengths = encode_batch(tokenizer, texts[:3], limits)
         video, mask = (x.numpy() for x in video_inputs(model, split, np.arange(2)))
@@ -161,7 +163,7 @@ def onnx_parity(model, tokenizer, split, backends: BackendParity, limits, batch_
 
     texts = split.flat_captions()
     text_rows = []  # per caption: its outputs with padding cut off
-    for idx in tqdm(list(batches(len(texts), batch_size)), desc="onnx texts", leave=False):
+    for idx in tqdm(list(batches(len(texts), batch_size)), desc="onnx texts", leave=False, disable=None):
         ids, lengths = encode_batch(tokenizer, [texts[i] for i in idx], limits)
         out = run("text_encoder", {"input_ids": ids, "lengths": lengths})
         text_rows += [
@@ -179,7 +181,7 @@ def onnx_parity(model, tokenizer, split, backends: BackendParity, limits, batch_
                 )
             ),
         )
-        for idx in tqdm(list(batches(len(split), batch_size)), desc="onnx videos", leave=False)
+        for idx in tqdm(list(batches(len(split), batch_size)), desc="onnx videos", leave=False, disable=None)
     ]
     videos = {k: np.concatenate([v[k] for v in video_out]) for k in video_out[0]}
     if isinstance(model, ViSERN):
@@ -198,7 +200,7 @@ def onnx_parity(model, tokenizer, split, backends: BackendParity, limits, batch_
                     "frame_mask": mask,
                 },
             )["scores"]
-            for t in tqdm(text_rows, desc="onnx pair scorer", leave=False)
+            for t in tqdm(text_rows, desc="onnx pair scorer", leave=False, disable=None)
         ]
         sim = np.stack(columns, axis=1)
     return backends.stats.stats, sim

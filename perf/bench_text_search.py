@@ -431,7 +431,7 @@ def measure_served(
     """perf_analyzer at every (batch, concurrency); a point without a stable measurement is skipped."""
     points, failures = [], []
     grid = list(itertools.product(settings.batch_sizes, settings.concurrencies))
-    for batch, concurrency in (bar := tqdm(grid, desc="served (perf_analyzer)", unit="point")):
+    for batch, concurrency in (bar := tqdm(grid, desc="served (perf_analyzer)", unit="point", disable=None)):
         bar.set_postfix(batch=batch, concurrency=concurrency)
         try:
             points.append(run_perf_analyzer(server.grpc_url, input_json, batch, concurrency, settings, env))
@@ -448,7 +448,7 @@ def measure_in_process(
     served_requests = {(p.batch, p.concurrency): p.requests for p in served}
     points = []
     grid = list(itertools.product(settings.batch_sizes, settings.concurrencies))
-    for batch, concurrency in (bar := tqdm(grid, desc="in-process", unit="point")):
+    for batch, concurrency in (bar := tqdm(grid, desc="in-process", unit="point", disable=None)):
         bar.set_postfix(batch=batch, concurrency=concurrency)
         requests = max(settings.min_requests, served_requests.get((batch, concurrency), 0))
         batches = request_batches(captions, batch)

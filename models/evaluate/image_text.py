@@ -17,7 +17,10 @@ from xmr.models.tokenizer import TextLimits, encode_batch
 
 
 def batched(fn: Callable[[slice], np.ndarray], n: int, batch_size: int, desc: str) -> np.ndarray:
-    chunks = [fn(slice(i, i + batch_size)) for i in tqdm(range(0, n, batch_size), desc=desc, leave=False)]
+    chunks = [
+        fn(slice(i, i + batch_size))
+        for i in tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=None)
+    ]
     return np.concatenate(chunks)
 
 
