@@ -15,7 +15,9 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -93,23 +95,36 @@ def export_onnx(
     use_op_form(module, custom_ops)
     module.eval()
     try:
-        torch.onnx.export(
-            module,
-            example,
-            str(path),
-            input_names=spec.input_names,
-            output_names=spec.output_names,
-            dynamic_shapes=by_position(module, dynamic),
-            dynamo=True,
-            opset_version=OPSET,
-            external_data=False,
-            verbose=False,
-            custom_translation_table=translation_table() if custom_ops == "plugin" else None,
-        )
+        quiet_exporter()
+        with warnings.catch_warnings():
+            # torch.onnx's own notes, nothing a user can act on: a deprecation inside torch, and dynamic
+            # dims of one spec name (e.g. "batch" on every input) being merged, which is what we ask for
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message=".*The axis name.*will not be used.*", category=UserWarning
+            )
+            torch.onnx.export(
+                module,
+                example,
+                str(path),
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_shapes=by_position(module, dynamic),
+                dynamo=True,
+                opset_version=OPSET,
+                external_data=False,
+                verbose=False,
+                custom_translation_table=translation_table() if custom_ops == "plugin" else None,
+            )
     finally:
         use_op_form(module, "standard")
     register_schemas()  # the checker must know the xmr domain's ops
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def quiet_exporter() -> None:
+    """Silence torch.onnx's registry notes about optional libraries (torchvision ops it skips)."""
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 def by_position(module: nn.Module, per_input: tuple) -> tuple:
