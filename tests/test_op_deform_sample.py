@@ -14,16 +14,16 @@ import math
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
 from xmr.export.iospec import ModelSpec, TensorSpec
 from xmr.export.onnx_export import export_onnx
+from xmr.export.runners import runner_for
 from xmr.export.trt_engine import run_tensorrt
 from xmr.models.ops.deform_sample import DeformSampler, deform_sample, deform_sample_reference
 from xmr.models.ops.deform_sample.numpy_ref import DeformSample
-from xmr.models.ops.onnx_domain import reference_evaluator, register_schemas, xmr_nodes
+from xmr.models.ops.onnx_domain import register_schemas, xmr_nodes
 
 torch.set_num_threads(1)
 
@@ -170,16 +170,17 @@ def torch_custom_op(inputs, exported):
 
 
 def onnxruntime_standard(inputs, exported):
-    path = exported(inputs[0].dim() == 6, "standard")
+    spatial = inputs[0].dim() == 6
+    path = exported(spatial, "standard")
     assert xmr_nodes(onnx.load(path)) == []
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, feeds(inputs))[0]
+    return runner_for(path, op_spec(spatial), "standard").run(feeds(inputs))["out"]
 
 
 def reference_evaluator_plugin(inputs, exported):
-    path = exported(inputs[0].dim() == 6, "plugin")
+    spatial = inputs[0].dim() == 6
+    path = exported(spatial, "plugin")
     assert [n.op_type for n in xmr_nodes(onnx.load(path))] == ["DeformSample"]
-    return reference_evaluator(str(path)).run(None, feeds(inputs))[0]
+    return runner_for(path, op_spec(spatial), "plugin").run(feeds(inputs))["out"]
 
 
 def numpy_op(inputs, exported):

@@ -15,15 +15,15 @@ import sys
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
 from xmr.export.iospec import ModelSpec, TensorSpec
 from xmr.export.onnx_export import export_onnx
+from xmr.export.runners import runner_for
 from xmr.export.trt_engine import run_tensorrt
-from xmr.models.ops.onnx_domain import reference_evaluator, register_schemas, xmr_nodes
+from xmr.models.ops.onnx_domain import register_schemas, xmr_nodes
 from xmr.models.ops.random_walk_gcn import (
     AFFINITIES,
     random_walk_gcn,
@@ -139,14 +139,13 @@ def torch_custom_op(inputs, affinity, exported):
 def onnxruntime_standard(inputs, affinity, exported):
     path = exported(affinity, "standard", inputs[0].shape[-1])
     assert xmr_nodes(onnx.load(path)) == []
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, feeds(inputs))[0]
+    return runner_for(path, SPEC, "standard").run(feeds(inputs))["out"]
 
 
 def reference_evaluator_plugin(inputs, affinity, exported):
     path = exported(affinity, "plugin", inputs[0].shape[-1])
     assert [n.op_type for n in xmr_nodes(onnx.load(path))] == ["RandomWalkGCN"]
-    return reference_evaluator(str(path)).run(None, feeds(inputs))[0]
+    return runner_for(path, SPEC, "plugin").run(feeds(inputs))["out"]
 
 
 def numpy_op(inputs, affinity, exported):
