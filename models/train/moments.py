@@ -41,10 +41,6 @@ class MomentTrainConfig:
     data_overrides: dict | None = None
     backbone_steps: int | None = None
 
-    def video_data(self) -> VideoData:
-        """The data fields of this config."""
-        return VideoData.of(asdict(self))
-
 
 class MomentTask(Task):
     """CDNet on (video, moment query) pairs: span losses plus QSD's dual-level contrastive losses."""
@@ -53,7 +49,7 @@ class MomentTask(Task):
 
     def __init__(self, cfg: MomentTrainConfig):
         self.cfg = cfg
-        self.splits = cfg.video_data().splits()
+        self.splits = VideoData.of(asdict(cfg)).splits()
         train_split = self.splits["train"]
         self.items = moment_items(train_split)
         self.tokenizer = train_tokenizer(self.items.texts + train_split.flat_captions())
