@@ -20,6 +20,7 @@ from xmr.export.iospec import ModelSpec, TensorSpec, text_encoder_spec
 from xmr.export.onnx_export import Tower, export_onnx, graphs_manifest
 from xmr.export.parity import BackendParity
 from xmr.export.runners import TorchRunner, runner_for
+from xmr.export.scoring import moment_predictions, run_of
 from xmr.export.video_export import CUSTOM_OPS
 from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run
 from xmr.models.data.video import VideoData
@@ -27,7 +28,6 @@ from xmr.models.errors import InputError
 from xmr.models.evaluate.moment_metrics import moment_metrics
 from xmr.models.moments.cdnet import CDNet
 from xmr.models.moments.items import batch_inputs, moment_items
-from xmr.models.moments.postprocess import postprocess
 from xmr.models.tokenizer import TextLimits
 
 
@@ -79,17 +79,11 @@ def export_moment_run(
         # threads=0: ONNX Runtime's default, every core
         runner = runner_for(tmp / "moment_model.onnx", spec, custom_ops, threads=0)
         backends = BackendParity({"moment_model": TorchRunner(module, spec)}, {"moment_model": runner})
-        torch_pred, onnx_pred = [], []
-        for i in tqdm(range(0, n, 16), desc="parity", leave=False, disable=None):
-            idx = np.arange(i, min(i + 16, n))
-            inputs = [t for t in batch_inputs(model, test, items, idx, tokenizer, limits) if t is not None]
-            feeds = {name: t.numpy() for name, t in zip(spec.input_names, inputs, strict=True)}
-            want, got = backends.run("moment_model", feeds)
-            durations = np.full(len(idx), items.duration)
-            torch_pred += postprocess(want["spans"], want["logits"], durations)
-            onnx_pred += postprocess(got["spans"], got["logits"], durations)
+        torch_pred, truth = moment_predictions(run_of(backends.reference), model, tokenizer, spec, test, n)
+        onnx_pred, _ = moment_predictions(
+            lambda g, feeds: backends.run(g, feeds)[1], model, tokenizer, spec, test, n
+        )
         steps.update()
-        truth = [[tuple(w)] for w in items.windows[:n]]
         parity = {
             **backends.stats.stats,
             "moments": {

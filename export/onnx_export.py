@@ -25,18 +25,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from xmr.export import scoring
 from xmr.export.iospec import ModelSpec, image_text_specs
 from xmr.export.manifest import Manifest, file_facts, versions
 from xmr.export.parity import tensor_parity
 from xmr.export.repository import serving_facts
-from xmr.export.runners import OnnxRunner, Runner
+from xmr.export.runners import OnnxRunner
+from xmr.export.scoring import run_of
 from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run
 from xmr.models.data import load_split
 from xmr.models.data.base import RetrievalSplit
 from xmr.models.evaluate.image_text import embed_images, embed_texts
 from xmr.models.evaluate.retrieval import retrieval_metrics
 from xmr.models.image_text.inputs import image_inputs
-from xmr.models.image_text.rvse import RVSE
 from xmr.models.tokenizer import TextLimits, encode_batch
 
 OPSET = 18
@@ -173,25 +174,6 @@ def graphs_manifest(
     )
 
 
-def onnx_embed_texts(
-    runner: Runner, tokenizer, texts: list[str], limits: TextLimits, batch_size: int = 512
-) -> np.ndarray:
-    chunks = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="onnx texts", leave=False, disable=None):
-        ids, lengths = encode_batch(tokenizer, texts[i : i + batch_size], limits)
-        chunks.append(runner.run({"input_ids": ids, "lengths": lengths})["text_embedding"])
-    return np.concatenate(chunks)
-
-
-def onnx_embed_images(runner: Runner, images: np.ndarray, model: RVSE, batch_size: int = 256) -> np.ndarray:
-    name = runner.spec.inputs[0].name
-    chunks = [
-        runner.run({name: image_inputs(images[i : i + batch_size], model.cfg).numpy()})["image_embedding"]
-        for i in tqdm(range(0, len(images), batch_size), desc="onnx images", leave=False, disable=None)
-    ]
-    return np.concatenate(chunks)
-
-
 def export_run(
     run: Path, out: Path, split: RetrievalSplit | None = None, gallery_split: str = "test"
 ) -> dict:
@@ -227,12 +209,9 @@ def export_run(
         texts, cap_to_img = split.flat_captions(), split.caption_image_index()
         torch_img, torch_txt = embed_images(model, split.images), embed_texts(model, tokenizer, texts)
         steps.update()
-        onnx_img = onnx_embed_images(
-            OnnxRunner(tmp / "image_encoder.onnx", specs["image_encoder"]), split.images, model
-        )
-        onnx_txt = onnx_embed_texts(
-            OnnxRunner(tmp / "text_encoder.onnx", specs["text_encoder"]), tokenizer, texts, limits
-        )
+        run = run_of({g: OnnxRunner(tmp / f"{g}.onnx", specs[g]) for g in ("text_encoder", "image_encoder")})
+        onnx_img = scoring.embed_images(run, specs["image_encoder"], split.images, model)
+        onnx_txt = scoring.embed_texts(run, tokenizer, texts, limits)
         steps.update()
         np.save(tmp / "gallery.npy", onnx_img.astype(np.float32))
         np.save(tmp / "gallery_ids.npy", np.arange(len(onnx_img), dtype=np.int64))

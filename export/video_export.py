@@ -33,6 +33,7 @@ from xmr.export.iospec import (
 from xmr.export.onnx_export import Tower, export_onnx, graphs_manifest
 from xmr.export.parity import BackendParity
 from xmr.export.runners import TorchRunner, runner_for
+from xmr.export.scoring import video_similarity
 from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run
 from xmr.models.data.video import VideoData, VideoFeatures
 from xmr.models.errors import InputError
@@ -70,11 +71,6 @@ def modules_for(model) -> dict[str, torch.nn.Module]:
         "video_encoder": Tower(model, "encode_video", ("embedding", "mu", "sigma")),
         "pair_scorer": Tower(model, "rerank"),
     }
-
-
-def batches(n: int, size: int):
-    for i in range(0, n, size):
-        yield np.arange(i, min(i + size, n))
 
 
 def export_video_run(
@@ -131,7 +127,11 @@ def export_video_run(
             name: runner_for(tmp / f"{name}.onnx", spec, custom_ops, threads=0)
             for name, spec in specs.items()
         }
-        parity, onnx_sim = onnx_parity(model, tokenizer, split, BackendParity(torch_runners, runners), limits)
+        backends = BackendParity(torch_runners, runners)
+        onnx_sim = video_similarity(
+            lambda g, feeds: backends.run(g, feeds)[1], model, tokenizer, specs, split
+        )
+        parity = backends.stats.stats
         steps.update()
         torch_sim = similarity(model, tokenizer, split)
         cap_to_video = split.caption_video_index()
@@ -153,54 +153,3 @@ def export_video_run(
         steps.update()
     steps.close()
     return manifest.to_dict()
-
-
-def onnx_parity(model, tokenizer, split, backends: BackendParity, limits, batch_size: int = 32):
-    """Tensor errors of every exported output against PyTorch, and the ONNX (N_video, N_caption) scores."""
-
-    def run(name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return backends.run(name, feeds)[1]
-
-    texts = split.flat_captions()
-    text_rows = []  # per caption: its outputs with padding cut off
-    for idx in tqdm(list(batches(len(texts), batch_size)), desc="onnx texts", leave=False, disable=None):
-        ids, lengths = encode_batch(tokenizer, [texts[i] for i in idx], limits)
-        out = run("text_encoder", {"input_ids": ids, "lengths": lengths})
-        text_rows += [
-            {k: v[i : i + 1, : lengths[i]] if v.ndim == 3 else v[i : i + 1] for k, v in out.items()}
-            for i in range(len(idx))
-        ]
-    video_out = [
-        run(
-            "video_encoder",
-            dict(
-                zip(
-                    backends.candidate["video_encoder"].spec.input_names,
-                    (x.numpy() for x in video_inputs(model, split, idx)),
-                    strict=True,
-                )
-            ),
-        )
-        for idx in tqdm(list(batches(len(split), batch_size)), desc="onnx videos", leave=False, disable=None)
-    ]
-    videos = {k: np.concatenate([v[k] for v in video_out]) for k in video_out[0]}
-    if isinstance(model, ViSERN):
-        sim = videos["video_embedding"] @ np.concatenate([t["text_embedding"] for t in text_rows]).T
-    else:  # every caption re-ranks the whole gallery with the exported pair scorer
-        mask = np.ascontiguousarray(split.mask.astype(bool))
-        columns = [
-            run(
-                "pair_scorer",
-                {
-                    "text_mu": t["text_mu"],
-                    "text_sigma": t["text_sigma"],
-                    "lengths": np.array([t["text_mu"].shape[1]], np.int64),
-                    "video_mu": videos["video_mu"],
-                    "video_sigma": videos["video_sigma"],
-                    "frame_mask": mask,
-                },
-            )["scores"]
-            for t in tqdm(text_rows, desc="onnx pair scorer", leave=False, disable=None)
-        ]
-        sim = np.stack(columns, axis=1)
-    return backends.stats.stats, sim
