@@ -17,8 +17,13 @@ Targets:
 - `cpu`: every model is a python-backend model; the towers host ONNX Runtime (this is what the
   nvidia-pytriton server can run, having only the python backend).
 - `gpu`: the towers are `onnxruntime_onnx` models on KIND_GPU with the TensorRT execution accelerator
-  (FP16), or `tensorrt_plan` models where the artifact folder holds `*.plan` engines; the tokenizer,
+  (FP16), or `tensorrt_plan` models where the artifact folder holds `<tower>.plan` engines (what
+  `xmr engine` writes, see `engine.py`): the plan copied as `model.plan`, inputs/outputs named and typed
+  as the I/O spec says (an engine keeps the graph's FP32 / int64 I/O whatever its precision), its
+  `max_batch_size` the engine profile's batch maximum where the manifest records one; the tokenizer,
   preprocess and gallery models stay python models on the CPU. Served by the official Triton container.
+  An engine holding the `xmr` Python plugins (`trt_plugins.py`) runs only in a Python process, so it is
+  refused here.
 """
 
 from __future__ import annotations
@@ -183,9 +188,10 @@ def model_config(
     platform: str = "",
     gpu: bool = False,
     dynamic_batching: bool = False,
+    max_batch: int = MAX_BATCH,
 ):
     pb2 = _pb2()
-    cfg = pb2.ModelConfig(name=spec.name, max_batch_size=MAX_BATCH)
+    cfg = pb2.ModelConfig(name=spec.name, max_batch_size=max_batch)
     if platform:
         cfg.platform = platform
     else:
@@ -268,13 +274,44 @@ def repository_configs(
         if python_model(name, target):
             configs[name] = model_config(spec, parameters(served, manifest), dynamic_batching=batching)
         elif name in engines:
-            configs[name] = model_config(spec, platform="tensorrt_plan", gpu=True, dynamic_batching=batching)
+            configs[name] = model_config(
+                spec,
+                platform="tensorrt_plan",
+                gpu=True,
+                dynamic_batching=batching,
+                max_batch=engine_max_batch(manifest),
+            )
         else:
             cfg = model_config(spec, platform="onnxruntime_onnx", gpu=True, dynamic_batching=batching)
             trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
             trt.parameters["precision_mode"] = "FP16"
             configs[name] = cfg
     return {name: render(cfg) for name, cfg in configs.items()}
+
+
+def engine_max_batch(manifest: dict) -> int:
+    """The batch maximum of the manifest's TensorRT engines (their profile), at most MAX_BATCH."""
+    batch = (manifest.get("engines") or {}).get("dims", {}).get("batch")
+    return min(MAX_BATCH, int(batch[2])) if batch else MAX_BATCH
+
+
+def engine_models(artifacts: Path, manifest: dict, target: str) -> frozenset[str]:
+    """The towers served as `tensorrt_plan` models: on the gpu target, those whose engine is in the
+    artifact folder. InputError for an engine holding the `xmr` Python plugins (no C++ runtime has them)."""
+    if target != "gpu":
+        return frozenset()
+    names = set()
+    for name, served in MODELS.items():
+        if not (served.onnx_on_gpu and (Path(artifacts) / served.engine()).is_file()):
+            continue
+        plugins = (manifest.get("engines") or {}).get("plugins", {}).get(name)
+        if plugins:
+            raise InputError(
+                f"{served.engine()} holds the TensorRT Python plugins {', '.join(plugins)}, which Triton's "
+                "tensorrt_plan backend cannot load; serve an engine of the standard-form export"
+            )
+        names.add(name)
+    return frozenset(names)
 
 
 def repository_texts(
@@ -309,11 +346,7 @@ def build_repository(artifacts: Path, out: Path, target: str = "cpu") -> Path:
     artifacts = Path(artifacts)
     manifest = read_manifest(artifacts)
     verify_artifacts(artifacts, manifest)
-    engines = frozenset(
-        name
-        for name, served in MODELS.items()
-        if target == "gpu" and served.onnx_on_gpu and (artifacts / served.engine()).is_file()
-    )
+    engines = engine_models(artifacts, manifest, target)
     texts = repository_texts(manifest, target, engines)
     with atomic_dir(Path(out)) as tmp:
         for name in tqdm(served_models(manifest), desc="repository", unit="model", disable=None):

@@ -139,7 +139,17 @@ class ReferenceRunner:
 BACKENDS: dict[str, Callable[[str | Path, ModelSpec, int], Runner]] = {
     "onnxruntime": lambda path, spec, threads: OnnxRunner(path, spec, threads),
     "reference": lambda path, spec, threads: ReferenceRunner(path, spec),
+    "tensorrt": lambda path, spec, threads: _tensorrt_runner(path, spec),
 }
+
+
+def _tensorrt_runner(path: str | Path, spec: ModelSpec) -> Runner:
+    """A TensorRT engine (`.plan`, or an `.onnx` built in FP32), imported only when one is asked for."""
+    from xmr.export.trt_engine import TensorRTRunner
+
+    return TensorRTRunner(path, spec)
+
+
 # custom-op form of an exported graph -> the backend that runs it
 FORM_BACKENDS = {"standard": "onnxruntime", "plugin": "reference"}
 
