@@ -1,4 +1,4 @@
-"""The `xmr` command line: train, eval, export, repo, serve, search, check, demo.
+"""The `xmr` command line: train, eval, export, optimize, engine, repo, serve, search, check, demo.
 
 Bad input (a missing run, an empty query, an unknown option value) ends with `error: ...` naming the
 problem and exit code 2; a server-side error with its message and exit code 1; never a traceback.
@@ -208,6 +208,67 @@ def export(
     console.print(f"wrote {out}")
 
 
+class Precision(str, Enum):
+    fp16 = "fp16"
+    int8 = "int8"
+    int8_qdq = "int8-qdq"
+
+
+class Calibration(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+@app.command()
+def optimize(
+    artifact: Path,
+    precision: Precision = typer.Option(
+        ..., help="fp16 (GPU targets) | int8 (ONNX Runtime integer ops, CPU) | int8-qdq (Q/DQ, for TensorRT)"
+    ),
+    out: Path = typer.Option(..., help="artifact folder to write"),
+    calibration: int = typer.Option(256, min=1, help="int8-qdq: training items that calibrate"),
+    method: Calibration = typer.Option(Calibration.minmax, help="int8-qdq: calibration method"),
+    max_recall_drop: float = typer.Option(
+        0.5, min=0.0, help="gate: most R@1 points (R1@0.5 for moments) the test split may lose vs FP32"
+    ),
+    dev_items: int = typer.Option(500, min=1, help="val items the search for FP32 nodes scores on"),
+):
+    """FP16 / INT8 graphs of an exported artifact; nodes that cost recall stay FP32; exit 1 past the gate."""
+    from xmr.export.manifest import read_manifest
+    from xmr.export.optimize import OptimizeConfig, RecallGateError
+    from xmr.export.optimize import optimize as run_optimize
+
+    cfg = OptimizeConfig(
+        precision.value,
+        calibration=calibration,
+        method=method.value,
+        max_recall_drop=max_recall_drop,
+        dev_items=dev_items,
+    )
+    try:
+        manifest = run_optimize(artifact, out, cfg)
+    except RecallGateError as e:
+        _print_optimization(e.report, read_manifest(artifact)["model"])
+        Console(stderr=True, soft_wrap=True).print(f"[red]recall gate:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    _print_optimization(manifest["optimization"], manifest["model"])
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def engine(
+    artifact: Path,
+    precision: str = typer.Option("fp16", help="fp16 | int8 (needs an int8-qdq artifact) | fp32 (reference)"),
+    out: Path = typer.Option(..., help="artifact folder to write (the graphs beside their .plan engines)"),
+):
+    """Build TensorRT engines of an artifact's graphs (needs the tensorrt package and an NVIDIA GPU)."""
+    from xmr.export.engine import build_engines
+
+    build_engines(artifact, precision, out)
+    console.print(f"wrote {out}")
+
+
 @app.command()
 def repo(
     artifacts: Path,
@@ -326,6 +387,29 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _print_optimization(report: dict, model: str) -> None:
+    """Parity vs PyTorch, the nodes kept in FP32, and the metrics table of an `xmr optimize` report."""
+    for graph, outputs in report["parity_vs_pytorch"].items():
+        for name, p in outputs.items():
+            console.print(
+                f"{graph}/{name}: max abs err {p['max_abs_err']:.2e}, min cosine {p['min_cosine']:.6f}"
+            )
+    kept = {g: len(nodes) for g, nodes in report["kept_fp32"].items()}
+    console.print(f"nodes kept in FP32: {kept} of {report['candidates']} candidates")
+    precision = report["precision"]
+    labels = {"pytorch": "PyTorch", "onnx_fp32": "ONNX FP32", precision: f"ONNX {precision}"}
+    rows = {labels[k]: m for k, m in report["metrics"].items()}
+    if model == "cdnet":
+        _print_moments(rows)
+    else:
+        _print_recall(rows, item="image" if model == "rvse" else "video")
+    gate = report["gate"]
+    console.print(
+        f"gate: {'/'.join(gate['metrics'])} drop {gate['test_drop']:.2f} points "
+        f"(allowed {gate['max_drop']:g}) on {report['split']}"
+    )
+
+
 def _print_moments(rows: dict[str, dict[str, float]]) -> None:
     from rich.table import Table
 
@@ -347,7 +431,7 @@ def _print_recall(rows: dict[str, dict[str, float]], item: str = "image") -> Non
 
 def main() -> None:
     """Console entry point: clear one-line errors instead of tracebacks for bad input."""
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     try:
         app()
     except InputError as e:

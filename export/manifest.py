@@ -70,8 +70,9 @@ class Manifest:
     The keys that readers use: `model` (the family), `specs` ({graph or served model: ModelSpec.to_dict()}),
     `preprocessing` (what the served models do before the graphs), `files` ({file: sha256, bytes}, see
     `file_facts`), `parity` (the export's checks against PyTorch), and where they apply `gallery` (the
-    embedded gallery the server searches) and `custom_ops` (the graphs' custom-op form). The optional
-    fields are left out of the file when unset.
+    embedded gallery the server searches), `custom_ops` (the graphs' custom-op form), `optimization` (an
+    FP16 / INT8 artifact's settings and figures, `export/optimize.py`) and `engines` (TensorRT plans,
+    `export/engine.py`). The optional fields are left out of the file when unset.
     """
 
     model: str
@@ -86,6 +87,8 @@ class Manifest:
     xmr_nodes: dict[str, list[str]] | None = None  # graph -> op types of its `xmr` nodes
     gallery: dict | None = None
     opset: int | None = None
+    optimization: dict | None = None  # `xmr optimize`: precision, nodes kept in FP32, test parity and metrics
+    engines: dict | None = None  # `xmr engine`: TensorRT plans, profiles, versions
 
     def to_dict(self) -> dict:
         optional = {f.name for f in dataclasses.fields(self) if f.default is None}

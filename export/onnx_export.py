@@ -209,9 +209,11 @@ def export_run(
         texts, cap_to_img = split.flat_captions(), split.caption_image_index()
         torch_img, torch_txt = embed_images(model, split.images), embed_texts(model, tokenizer, texts)
         steps.update()
-        run = run_of({g: OnnxRunner(tmp / f"{g}.onnx", specs[g]) for g in ("text_encoder", "image_encoder")})
-        onnx_img = scoring.embed_images(run, specs["image_encoder"], split.images, model)
-        onnx_txt = scoring.embed_texts(run, tokenizer, texts, limits)
+        graphs = run_of(
+            {g: OnnxRunner(tmp / f"{g}.onnx", specs[g]) for g in ("text_encoder", "image_encoder")}
+        )
+        onnx_img = scoring.embed_images(graphs, specs["image_encoder"], split.images, model)
+        onnx_txt = scoring.embed_texts(graphs, tokenizer, texts, limits)
         steps.update()
         np.save(tmp / "gallery.npy", onnx_img.astype(np.float32))
         np.save(tmp / "gallery_ids.npy", np.arange(len(onnx_img), dtype=np.int64))

@@ -49,6 +49,7 @@ def test_precomputed_features_train_export_and_serve_specs(precomputed_root, tmp
     run = tmp_path / "run"
     train(TrainConfig(data="precomputed", data_root=str(precomputed_root), epochs=1, batch_size=32), run)
     manifest = export_run(run, tmp_path / "artifacts")
+    assert manifest["run"] == str(run)  # what `xmr check` and `xmr optimize` reload the model from
     assert manifest["specs"]["image_encoder"]["inputs"][0]["name"] == "regions"
     assert "image_embed" not in manifest["specs"]  # no pixels, no raw-image ensemble
     assert manifest["parity"]["image_encoder"]["max_abs_err"] < 1e-4

@@ -1,0 +1,438 @@
+"""`xmr optimize`: FP16 and INT8 versions of an exported artifact, with recall gates.
+
+`optimize(artifact, out, OptimizeConfig(precision=...))` writes `out` as a complete artifact folder (the
+same files as `artifact`, every graph replaced by its optimised version under the same name, so `xmr repo`
+and `xmr serve` take it as they are) and returns its manifest. The precisions, each from a maintained
+converter:
+- `fp16`: ONNX Runtime's float16 converter (`onnxruntime.transformers.float16`), FP32 inputs and outputs
+  kept, for GPU targets (TensorRT, CUDA). Parity is still measured on the CPU, in ONNX Runtime.
+- `int8`: ONNX Runtime's dynamic quantization (`quantize_dynamic`): per-channel INT8 weights and
+  integer MatMul/Gemm, activations quantized per batch at run time. The fast form on a CPU.
+- `int8-qdq`: ONNX Runtime's static quantization in the explicit QuantizeLinear/DequantizeLinear form
+  (`quantize_static`, QDQ, symmetric INT8 weights per channel and activations per tensor, the form
+  TensorRT builds INT8 engines from), calibrated on `calibration` training items (`method`: minmax,
+  entropy or percentile). Calibration inputs of different lengths are zero-padded to one shape: every
+  dynamic axis after the batch axis of our graphs is masked by another input (token lengths, frame and clip
+  masks), so padding changes no real activation.
+
+Which nodes stay in FP32 is measured, not hand-picked. The whole model is converted first; when its dev
+split metrics (`ArtifactTask.gate`: R@1 of each direction, or R1@0.5 for moments) drop by more than
+`max_recall_drop` points against the FP32 graphs, each candidate node (the nodes the converter would
+change) is converted alone and scored by the error it causes in its graph's outputs on dev inputs
+(1 - mean cosine against FP32); the most harmful nodes are then kept in FP32, the fewest that bring the dev
+drop within the gate (a binary search over the ranking, each step scored on the dev split).
+
+The `xmr` custom-op nodes of plugin-form graphs stay FP32 in every precision: their schemas take float32,
+they are gathers and small matmuls over a handful of sampled points (memory-bound: INT8 would save nothing
+and lose the sub-voxel positions), and the TensorRT plugins choose their own FP16 path.
+
+The new manifest records, in `optimization`: the precision and converter settings, the nodes kept in
+FP32, the dev search's steps, and on the test split the optimised graphs' max abs error and min cosine
+against PyTorch and their task metrics beside the FP32 ONNX graphs' and PyTorch's. `optimize` raises
+`RecallGateError`, naming the gate and the drop, when the test R@1 drop exceeds the gate; the folder is
+then not written. Every intermediate file goes to a temporary folder, never the working directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from xmr.export.iospec import ModelSpec
+from xmr.export.manifest import Manifest, file_facts, read_manifest, verify_artifacts, versions
+from xmr.export.parity import BackendParity
+from xmr.export.runners import Feeds, runner_for
+from xmr.export.scoring import ArtifactTask, Run, run_of
+from xmr.models.checkpoint import atomic_dir
+from xmr.models.errors import InputError
+
+PRECISIONS = ("fp16", "int8", "int8-qdq")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# the op types each precision converts (candidates for the search); everything else stays as exported
+INT8_OPS = {"int8": ("MatMul", "Gemm"), "int8-qdq": ("MatMul", "Gemm", "Conv")}
+XMR_OPS = ("DeformSample", "RandomWalkGCN")
+PLUGIN_ITEMS = 32  # plugin-form graphs run in the (slow) reference evaluator: score this many items
+
+
+class RecallGateError(Exception):
+    """The optimised graphs lose more recall on the test split than the gate allows; `report` is what the
+    manifest's `optimization` entry would have been."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class OptimizeConfig:
+    precision: str  # a key of PRECISIONS
+    calibration: int = 256  # training items (images, videos) whose inputs calibrate int8-qdq
+    method: str = "minmax"  # int8-qdq calibration: minmax | entropy | percentile
+    max_recall_drop: float = 0.5  # points of the gate metrics (R@1), against the FP32 graphs
+    dev_items: int = 500  # val items (images, videos) the node search scores on
+    threads: int = 0  # ONNX Runtime threads (0: one per core)
+
+    def check(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        if self.method not in CALIBRATION_METHODS:
+            raise InputError(f"--method {self.method!r}; valid: {', '.join(CALIBRATION_METHODS)}")
+        if self.calibration < 1:
+            raise InputError(f"--calibration {self.calibration}: expected at least 1 training item")
+        if self.max_recall_drop < 0:
+            raise InputError(f"--max-recall-drop {self.max_recall_drop}: expected a drop >= 0 points")
+
+
+@contextlib.contextmanager
+def quiet_converters() -> Iterator[None]:
+    """ONNX Runtime's converters log through the root logger (advice about pre-processing, which we do,
+    and per-node notes); nothing there a user can act on."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+class Recorder:
+    """A `Run` that passes through to `run` and keeps the first `limit` feeds of each graph."""
+
+    def __init__(self, run: Run, limit: int):
+        self.inner, self.limit, self.feeds = run, limit, {}
+
+    def __call__(self, graph: str, feeds: Feeds) -> Feeds:
+        kept = self.feeds.setdefault(graph, [])
+        if len(kept) < self.limit:
+            kept.append(feeds)
+        return self.inner(graph, feeds)
+
+
+def pad_to_common_shape(feeds: list[Feeds], spec: ModelSpec) -> list[Feeds]:
+    """Zero-pad every dynamic axis after the first to its largest size over `feeds` (one shape per input),
+    so calibrators that stack batches accept inputs of different lengths."""
+    out = [dict(f) for f in feeds]
+    for t in spec.inputs:
+        axes = [i for i, d in enumerate(t.shape) if isinstance(d, str) and i > 0]
+        if not axes:
+            continue
+        target = np.max([f[t.name].shape for f in feeds], axis=0)
+        for f in out:
+            x = f[t.name]
+            pad = [(0, int(target[i]) - x.shape[i]) if i in axes else (0, 0) for i in range(x.ndim)]
+            f[t.name] = np.pad(x, pad)
+    return out
+
+
+class CalibrationReader:
+    """ONNX Runtime's `CalibrationDataReader` protocol over a list of feeds."""
+
+    def __init__(self, feeds: list[Feeds]):
+        self.feeds, self.i = feeds, 0
+
+    def get_next(self) -> Feeds | None:
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return self.feeds[self.i - 1]
+
+    def rewind(self) -> None:
+        self.i = 0
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+
+# ----------------------------------------------------------------------------- one graph
+
+
+class GraphConverter:
+    """Makes the `precision` version of one graph, any set of its candidate nodes kept in FP32.
+
+    `prepared` is the exported graph after ONNX Runtime's quantization pre-processing (shape inference, no
+    ORT-specific fusions, so a Q/DQ graph stays portable to TensorRT), in `work`, a temporary folder.
+    """
+
+    def __init__(self, source: Path, spec: ModelSpec, precision: str, work: Path, calibration: list[Feeds],
+                 method: str):  # fmt: skip
+        self.spec, self.precision, self.work, self.method = spec, precision, work, method
+        self.prepared = work / f"{spec.name}.prepared.onnx"
+        if precision == "fp16":
+            shutil.copy2(source, self.prepared)
+        else:
+            from onnxruntime.quantization import quant_pre_process
+
+            with quiet_converters():
+                quant_pre_process(source, self.prepared, skip_optimization=True, skip_symbolic_shape=True)
+        self.calibration = calibration
+        self.cache = work / f"{spec.name}.calibration.json"  # int8-qdq: ranges computed once, then reused
+        graph = onnx.load(self.prepared).graph
+        ops = INT8_OPS.get(precision)
+        self.candidates = [
+            n.name
+            for n in graph.node
+            if n.domain != "xmr" and (n.op_type in ops if ops else n.op_type not in FP16_KEEP)
+        ]
+
+    def convert(self, path: Path, keep: set[str] = frozenset(), only: set[str] | None = None) -> Path:
+        """Write the converted graph to `path`: every candidate except `keep`, or only the nodes `only`."""
+        keep = set(self.candidates) - set(only) if only is not None else set(keep)
+        with quiet_converters():
+            if self.precision == "fp16":
+                self._fp16(path, keep)
+            elif self.precision == "int8":
+                self._int8(path, keep)
+            else:
+                self._int8_qdq(path, keep)
+        return path
+
+    def _fp16(self, path: Path, keep: set[str]) -> None:
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+        model = convert_float_to_float16(
+            onnx.load(self.prepared),
+            keep_io_types=True,
+            op_block_list=[*DEFAULT_OP_BLOCK_LIST, *XMR_OPS],
+            node_block_list=sorted(keep),
+        )
+        onnx.save(model, path)
+
+    def _int8(self, path: Path, keep: set[str]) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(
+            self.prepared,
+            path,
+            op_types_to_quantize=list(INT8_OPS["int8"]),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=sorted(keep),
+        )
+
+    def _int8_qdq(self, path: Path, keep: set[str]) -> None:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[self.method]
+        quantize_static(
+            self.prepared,
+            path,
+            CalibrationReader(pad_to_common_shape(self.calibration, self.spec)),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(INT8_OPS["int8-qdq"]),
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=sorted(keep),
+            calibrate_method=method,
+            calibration_cache_path=self.cache,
+            # TensorRT takes symmetric INT8 only (zero points 0)
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+
+
+# ops the FP16 search never offers: shape and index arithmetic, which carries no float data
+FP16_KEEP = ("Shape", "Gather", "Range", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Concat", "Slice",
+             "Expand", "Less", "Not", "Where", "Equal", "Greater", "ConstantOfShape", "Constant")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the artifact
+
+
+def output_error(want: Feeds, got: Feeds) -> float:
+    """1 - the smallest mean row cosine over the outputs: how far `got` is from `want`."""
+    worst = 0.0
+    for name, w in want.items():
+        a, b = w.reshape(len(w), -1).astype(np.float64), got[name].reshape(len(w), -1).astype(np.float64)
+        cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+        worst = max(worst, 1.0 - float(cos.mean()))
+    return worst
+
+
+def gate_drop(task: ArtifactTask, reference: dict, candidate: dict) -> float:
+    """The largest drop (points) of the gate metrics from `reference` to `candidate`."""
+    return max(reference[m] - candidate[m] for m in task.gate)
+
+
+class Optimizer:
+    """The graphs of one artifact converted together; see the module docstring for the search."""
+
+    def __init__(self, artifact: Path, manifest: dict, task: ArtifactTask, cfg: OptimizeConfig, work: Path):
+        self.artifact, self.task, self.cfg, self.work = artifact, task, cfg, work
+        self.form = manifest.get("custom_ops", "standard")
+        self.items = PLUGIN_ITEMS if self.form == "plugin" else None
+        self.fp32 = run_of(self.runners({g: artifact / f"{g}.onnx" for g in task.specs}))
+        calibration = {}
+        if cfg.precision == "int8-qdq":
+            recorder = Recorder(self.fp32, limit=10**9)
+            task.score(recorder, task.split("train", cfg.calibration))
+            calibration = recorder.feeds
+        self.converters = {
+            g: GraphConverter(
+                artifact / f"{g}.onnx", spec, cfg.precision, work, calibration.get(g, []), cfg.method
+            )
+            for g, spec in tqdm(task.specs.items(), desc="prepare", leave=False, disable=None)
+        }
+        self.dev = task.split("val", min(cfg.dev_items, self.items or cfg.dev_items))
+        recorder = Recorder(self.fp32, limit=4)  # the dev inputs of the per-node errors
+        self.dev_fp32 = task.score(recorder, self.dev)
+        self.dev_feeds = recorder.feeds
+        self.steps: list[dict] = []
+
+    def runners(self, paths: dict[str, Path]):
+        return {g: runner_for(p, self.task.specs[g], self.form, self.cfg.threads) for g, p in paths.items()}
+
+    def build(self, keep: set[tuple[str, str]], tag: str) -> dict[str, Path]:
+        """Every graph converted with the (graph, node) pairs of `keep` in FP32; their paths."""
+        folder = self.work / tag
+        folder.mkdir(exist_ok=True)
+        return {
+            g: c.convert(folder / f"{g}.onnx", {n for gg, n in keep if gg == g})
+            for g, c in self.converters.items()
+        }
+
+    def dev_score(self, keep: set[tuple[str, str]], tag: str) -> tuple[dict, dict[str, Path]]:
+        paths = self.build(keep, tag)
+        metrics = self.task.score(run_of(self.runners(paths)), self.dev)
+        drop = gate_drop(self.task, self.dev_fp32, metrics)
+        self.steps.append({"kept_fp32": len(keep), "dev_gate_drop": round(drop, 3)})
+        return metrics, paths
+
+    def passes(self, metrics: dict) -> bool:
+        return gate_drop(self.task, self.dev_fp32, metrics) <= self.cfg.max_recall_drop
+
+    def sensitivity(self) -> list[tuple[float, str, str]]:
+        """(error of the graph's outputs with only this node converted, graph, node), most harmful first."""
+        ranking = []
+        pairs = [(g, n) for g, c in self.converters.items() for n in c.candidates]
+        folder = self.work / "one"
+        folder.mkdir(exist_ok=True)
+        for g, node in tqdm(pairs, desc="per-node error", unit="node", leave=False, disable=None):
+            path = self.converters[g].convert(folder / f"{g}.onnx", only={node})
+            runner = self.runners({g: path})[g]
+            error = max(output_error(self.fp32(g, f), runner.run(f)) for f in self.dev_feeds[g])
+            ranking.append((error, g, node))
+        return sorted(ranking, key=lambda r: -r[0])
+
+    def search(self) -> tuple[set[tuple[str, str]], dict[str, Path], list[tuple[float, str, str]]]:
+        """The nodes kept in FP32 and the converted graphs' paths (see the module docstring)."""
+        metrics, paths = self.dev_score(set(), "all")
+        if self.passes(metrics):
+            return set(), paths, []
+        ranking = self.sensitivity()
+        lo, hi, best = 1, len(ranking), None  # the smallest k whose top-k kept in FP32 passes
+        while lo <= hi:
+            k = (lo + hi) // 2
+            keep = {(g, n) for _, g, n in ranking[:k]}
+            metrics, paths = self.dev_score(keep, f"keep{k}")
+            if self.passes(metrics):
+                best, hi = (keep, paths), k - 1
+            else:
+                lo = k + 1
+        if best is None:  # nothing converted passes either: keep everything, the gate decides on test
+            keep = {(g, n) for _, g, n in ranking}
+            return keep, self.build(keep, "none"), ranking
+        return best[0], best[1], ranking
+
+
+def optimize(artifact: Path, out: Path, cfg: OptimizeConfig) -> dict:
+    """Write the `cfg.precision` version of `artifact` to `out`; returns its manifest.
+
+    Raises `RecallGateError` (nothing written) when the test split's gate metrics drop by more than
+    `cfg.max_recall_drop` points against the FP32 graphs.
+    """
+    cfg.check()
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact)
+    verify_artifacts(artifact, manifest)
+    if "optimization" in manifest:
+        raise InputError(
+            f"{artifact} is already optimised ({manifest['optimization']['precision']}); "
+            "optimise the FP32 export instead"
+        )
+    if "engines" in manifest:
+        raise InputError(f"{artifact} holds TensorRT engines; optimise the FP32 export instead")
+    task = ArtifactTask.of(manifest)
+    steps = tqdm(total=4, desc=f"optimize {cfg.precision}", unit="step", disable=None)
+    with tempfile.TemporaryDirectory(prefix="xmr-optimize-") as work:
+        opt = Optimizer(artifact, manifest, task, cfg, Path(work))
+        steps.update()
+        keep, paths, ranking = opt.search()
+        steps.update()
+        test = task.split("test", opt.items)
+        optimised = opt.runners(paths)
+        backends = BackendParity(task.torch_runners(), optimised)
+        metrics = {
+            "pytorch": task.score(run_of(task.torch_runners()), test),
+            "onnx_fp32": task.score(opt.fp32, test),
+            cfg.precision: task.score(lambda g, feeds: backends.run(g, feeds)[1], test),
+        }
+        steps.update()
+        drop = gate_drop(task, metrics["onnx_fp32"], metrics[cfg.precision])
+        report = {
+            "precision": cfg.precision,
+            "settings": asdict(cfg),
+            "converter": CONVERTERS[cfg.precision],
+            "source": str(artifact),
+            "kept_fp32": {g: sorted(n for gg, n in keep if gg == g) for g in task.specs},
+            "candidates": {g: len(c.candidates) for g, c in opt.converters.items()},
+            "most_harmful": [
+                {"graph": g, "node": n, "dev_error": e} for e, g, n in ranking[: max(10, len(keep))]
+            ],
+            "search": opt.steps,
+            "gate": {"metrics": list(task.gate), "max_drop": cfg.max_recall_drop, "test_drop": drop},
+            "split": f"{test.name}/{test.split}",
+            "n_items": len(test),
+            "parity_vs_pytorch": backends.stats.stats,
+            "metrics": metrics,
+        }
+        if drop > cfg.max_recall_drop:
+            raise RecallGateError(
+                f"{cfg.precision} graphs lose {drop:.2f} points of {'/'.join(task.gate)} on the test split "
+                f"against the FP32 graphs; the gate (--max-recall-drop) is {cfg.max_recall_drop:g}",
+                report,
+            )
+        with atomic_dir(Path(out)) as tmp:
+            for name in manifest["files"]:
+                graph = name.removesuffix(".onnx")
+                source = paths[graph] if graph in paths else artifact / name
+                shutil.copy2(source, tmp / name)
+            if task.family == "image_text":  # the served gallery comes from the served image tower
+                from xmr.export.scoring import embed_images
+
+                gallery = embed_images(
+                    run_of(optimised), task.specs["image_encoder"], test.images, task.model
+                )
+                np.save(tmp / "gallery.npy", gallery.astype(np.float32))
+            new = Manifest.from_dict(manifest)
+            new.files = file_facts(tmp, list(manifest["files"]))
+            new.versions = versions()
+            new.optimization = report
+            new.write(tmp)
+        steps.update()
+    steps.close()
+    return new.to_dict()
+
+
+CONVERTERS = {
+    "fp16": "onnxruntime.transformers.float16.convert_float_to_float16 (keep_io_types)",
+    "int8": "onnxruntime.quantization.quantize_dynamic (per-channel QInt8 weights, MatMul/Gemm)",
+    "int8-qdq": "onnxruntime.quantization.quantize_static (QDQ, symmetric QInt8, per-channel weights, "
+    "MatMul/Gemm/Conv)",
+}

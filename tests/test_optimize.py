@@ -1,0 +1,185 @@
+"""`xmr optimize` on the image-text towers: FP16 / INT8 / INT8 Q/DQ artifacts, their parity and gates.
+
+The text-video and moment families are optimised in tests/test_video_models.py and tests/test_cdnet.py,
+next to the runs they train.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from xmr.clients.cli import app
+from xmr.export.iospec import ModelSpec
+from xmr.export.manifest import read_manifest, verify_artifacts
+from xmr.export.optimize import (
+    OptimizeConfig,
+    RecallGateError,
+    output_error,
+    pad_to_common_shape,
+)
+from xmr.export.optimize import optimize as run_optimize
+from xmr.export.runners import OnnxRunner
+from xmr.export.scoring import embed_images, run_of
+from xmr.models.errors import InputError
+
+pytestmark = pytest.mark.slow
+
+
+def op_types(path) -> set[str]:
+    return {n.op_type for n in onnx.load(path).graph.node}
+
+
+@pytest.fixture(scope="module")
+def optimised(tiny_artifacts, tmp_path_factory):
+    """Each precision of the tiny artifact, written from an empty working directory that must stay empty."""
+    root = tmp_path_factory.mktemp("optimised")
+    cwd = tmp_path_factory.mktemp("cwd")
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        out = {
+            p: run_optimize(
+                tiny_artifacts, root / p, OptimizeConfig(p, calibration=32, method=m, dev_items=64)
+            )
+            for p, m in (("fp16", "minmax"), ("int8", "minmax"), ("int8-qdq", "percentile"))
+        }
+    finally:
+        os.chdir(before)
+    assert list(cwd.iterdir()) == []  # no temporary model or data file left where the command ran
+    return root, out
+
+
+def test_every_precision_writes_a_complete_verified_artifact(optimised, tiny_artifacts):
+    root, manifests = optimised
+    source = read_manifest(tiny_artifacts)
+    for precision, manifest in manifests.items():
+        folder = root / precision
+        verify_artifacts(folder, read_manifest(folder))
+        assert set(manifest["files"]) == set(source["files"])
+        report = manifest["optimization"]
+        assert report["precision"] == precision
+        assert set(report["metrics"]) == {"pytorch", "onnx_fp32", precision}
+        assert report["metrics"]["pytorch"]["rsum"] == pytest.approx(report["metrics"]["onnx_fp32"]["rsum"])
+        assert report["gate"]["test_drop"] <= report["gate"]["max_drop"]
+        for graph, outputs in report["parity_vs_pytorch"].items():
+            for name, p in outputs.items():
+                assert p["min_cosine"] > 0.99, (precision, graph, name, p)
+        # the graphs keep the exported FP32 inputs and outputs: the served configs stay valid
+        for graph in ("text_encoder", "image_encoder"):
+            model = onnx.load(folder / f"{graph}.onnx")
+            types = {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+            assert onnx.TensorProto.FLOAT16 not in types, (precision, graph)
+
+
+def test_the_graphs_are_converted(optimised):
+    root, _ = optimised
+    text = onnx.load(root / "fp16" / "text_encoder.onnx")
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in text.graph.initializer)
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= op_types(root / "int8" / "text_encoder.onnx")
+    qdq = onnx.load(root / "int8-qdq" / "image_encoder.onnx")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in qdq.graph.node}
+    # symmetric INT8, the only form TensorRT takes: every zero point is 0
+    inits = {i.name: i for i in qdq.graph.initializer}
+    zero_points = [n.input[2] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zero_points and all(not numpy_helper.to_array(inits[z]).any() for z in zero_points)
+
+
+def test_the_gallery_comes_from_the_optimised_image_tower(optimised):
+    from xmr.export.scoring import ArtifactTask
+
+    root, manifests = optimised
+    manifest = manifests["int8"]
+    task = ArtifactTask.of(manifest)
+    spec = task.specs["image_encoder"]
+    runner = OnnxRunner(root / "int8" / "image_encoder.onnx", spec)
+    want = embed_images(run_of({"image_encoder": runner}), spec, task.split("test").images, task.model)
+    assert np.array_equal(np.load(root / "int8" / "gallery.npy"), want)
+
+
+def test_the_manifest_records_the_search(optimised):
+    _, manifests = optimised
+    report = manifests["int8"]["optimization"]
+    assert report["search"][0]["kept_fp32"] == 0  # the whole model is tried first
+    assert report["candidates"]["text_encoder"] > 0
+    assert json.dumps(report)  # plain JSON
+
+
+def test_a_zero_gate_searches_for_nodes_to_keep_and_names_the_drop(tiny_artifacts, tmp_path):
+    """With no drop allowed the dev search must run; the test split then passes or fails the gate, and a
+    failure names the gate and the drop and writes nothing."""
+    cfg = OptimizeConfig("int8", max_recall_drop=0.0, dev_items=64)
+    try:
+        manifest = run_optimize(tiny_artifacts, tmp_path / "o", cfg)
+    except RecallGateError as e:
+        assert "the gate (--max-recall-drop) is 0" in str(e) and "points of i2t_R@1/t2i_R@1" in str(e)
+        assert e.report["gate"]["test_drop"] > 0
+        assert not (tmp_path / "o").exists()
+        report = e.report
+    else:
+        report = manifest["optimization"]
+        assert report["gate"]["test_drop"] <= 0
+    search, kept = report["search"], sum(len(n) for n in report["kept_fp32"].values())
+    assert search[0] == {"kept_fp32": 0, "dev_gate_drop": search[0]["dev_gate_drop"]}
+    if search[0]["dev_gate_drop"] > 0:  # the whole model failed on dev: nodes ranked, the fewest kept
+        assert report["most_harmful"] and all(r["dev_error"] >= 0 for r in report["most_harmful"])
+        chosen = [s for s in search if s["kept_fp32"] == kept]
+        everything = sum(report["candidates"].values())
+        assert kept == everything or (chosen and chosen[0]["dev_gate_drop"] <= 0)
+
+
+def test_optimising_an_optimised_artifact_is_refused(optimised, tmp_path):
+    root, _ = optimised
+    with pytest.raises(InputError, match="already optimised"):
+        run_optimize(root / "int8", tmp_path / "again", OptimizeConfig("fp16"))
+
+
+def test_bad_settings_name_the_option():
+    for cfg, option in (
+        (OptimizeConfig("int4"), "--precision"),
+        (OptimizeConfig("int8-qdq", method="mse"), "--method"),
+        (OptimizeConfig("int8", calibration=0), "--calibration"),
+    ):
+        with pytest.raises(InputError, match=option):
+            cfg.check()
+
+
+def test_calibration_inputs_of_different_lengths_are_padded_to_one_shape():
+    spec = ModelSpec.from_dict(
+        {
+            "name": "text_encoder",
+            "inputs": [
+                {"name": "input_ids", "dtype": "int64", "shape": ["batch", "tokens"]},
+                {"name": "lengths", "dtype": "int64", "shape": ["batch"]},
+            ],
+            "outputs": [{"name": "e", "dtype": "float32", "shape": ["batch", 4]}],
+        }
+    )
+    feeds = [
+        {"input_ids": np.ones((2, 3), np.int64), "lengths": np.array([3, 2])},
+        {"input_ids": np.ones((1, 5), np.int64), "lengths": np.array([5])},
+    ]
+    padded = pad_to_common_shape(feeds, spec)
+    assert [f["input_ids"].shape for f in padded] == [(2, 5), (1, 5)]  # batch sizes untouched
+    assert padded[0]["input_ids"][:, 3:].sum() == 0 and padded[0]["lengths"].tolist() == [3, 2]
+
+
+def test_output_error_is_one_minus_the_worst_mean_cosine():
+    a = {"x": np.array([[1.0, 0.0], [0.0, 1.0]])}
+    assert output_error(a, a) == pytest.approx(0.0)
+    assert output_error(a, {"x": np.array([[0.0, 1.0], [0.0, 1.0]])}) == pytest.approx(0.5)
+
+
+def test_cli_optimize_prints_the_tables_and_rejects_bad_input(optimised, tiny_artifacts, tmp_path):
+    root, _ = optimised
+    runner = CliRunner()
+    result = runner.invoke(app, ["optimize", str(tiny_artifacts), "--precision", "int4", "--out", "x"])
+    assert result.exit_code == 2 and "int4" in result.output
+    result = runner.invoke(
+        app, ["optimize", str(root / "int8"), "--precision", "fp16", "--out", str(tmp_path / "x")]
+    )
+    assert isinstance(result.exception, InputError) and "already optimised" in str(result.exception)
