@@ -7,6 +7,7 @@ parity tests compare backends with each other, not with a target accuracy.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -18,6 +19,19 @@ from xmr.models.train.image_text import TrainConfig, train
 HAS_TRITON = (
     importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
 )
+HAS_TRITON_LANG = importlib.util.find_spec("triton") is not None  # OpenAI Triton (kernels), not the server
+
+
+def pytest_configure(config):
+    """Without a GPU, the Triton kernels' tests run on CPU tensors under Triton's interpreter, which
+    `@triton.jit` selects from TRITON_INTERPRET when a kernel is defined: set before a test imports one."""
+    import torch
+
+    config.addinivalue_line(
+        "markers", "triton_interpreter: runs the Triton kernels under TRITON_INTERPRET=1 on the CPU"
+    )
+    if HAS_TRITON_LANG and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,6 +46,10 @@ def pytest_collection_modifyitems(config, items):
         missing["gpu"] = "needs a CUDA device"
     if not (has_cuda and importlib.util.find_spec("tensorrt") is not None):
         missing["tensorrt"] = "needs the tensorrt package and a GPU"
+    if not HAS_TRITON_LANG:
+        missing["triton_interpreter"] = "needs the triton package (pip install triton)"
+    elif has_cuda:
+        missing["triton_interpreter"] = "a GPU is present: the Triton kernels run compiled (`gpu` tests)"
     skips = {marker: pytest.mark.skip(reason=reason) for marker, reason in missing.items()}
     for item in items:
         for marker, skip in skips.items():

@@ -188,12 +188,20 @@ def numpy_op(inputs, exported):
 
 
 def cuda_custom_op(inputs, exported):
+    """The custom op on CUDA tensors: its CUDA kernel, the Triton kernels (the reference without triton)."""
     on_device = (x.float().cuda() if x.is_floating_point() else x.cuda() for x in inputs)
     return torch.ops.xmr.deform_sample(*on_device).cpu().numpy()
 
 
 def tensorrt_standard(inputs, exported):
     return run_tensorrt(exported(inputs[0].dim() == 6, "standard"), feeds(inputs))["out"]
+
+
+def triton_interpreter(inputs, exported):
+    """The Triton kernels in float32, on the CPU under TRITON_INTERPRET=1 (conftest sets it without a GPU)."""
+    from xmr.models.ops.deform_sample.triton import deform_sample_triton
+
+    return deform_sample_triton(*(x.float() if x.is_floating_point() else x for x in inputs)).numpy()
 
 
 IMPLEMENTATIONS = [  # (run(inputs in float64, exported) -> numpy, atol against the float64 reference)
@@ -204,6 +212,7 @@ IMPLEMENTATIONS = [  # (run(inputs in float64, exported) -> numpy, atol against 
     pytest.param(numpy_op, 1e-12, id="numpy-op"),
     pytest.param(cuda_custom_op, 1e-5, id="cuda", marks=pytest.mark.gpu),
     pytest.param(tensorrt_standard, 1e-5, id="tensorrt-standard", marks=pytest.mark.tensorrt),
+    pytest.param(triton_interpreter, 1e-5, id="triton-interpreter", marks=pytest.mark.triton_interpreter),
 ]
 
 

@@ -31,6 +31,7 @@ from xmr.models.ops.random_walk_gcn import (
     transition_matrix,
 )
 from xmr.models.ops.random_walk_gcn.numpy_ref import RandomWalkGCN
+from xmr.models.ops.random_walk_gcn.reference import random_walk_gcn_sdpa
 
 torch.set_num_threads(1)
 
@@ -153,12 +154,21 @@ def numpy_op(inputs, affinity, exported):
 
 
 def cuda_custom_op(inputs, affinity, exported):
+    """The custom op on CUDA tensors: its CUDA kernel, the Triton kernel (or the reference without triton)."""
     on_device = (x.float().cuda() if x.is_floating_point() else x.cuda() for x in inputs)
     return torch.ops.xmr.random_walk_gcn(*on_device, affinity, EPS).cpu().numpy()
 
 
 def tensorrt_standard(inputs, affinity, exported):
     return run_tensorrt(exported(affinity, "standard", inputs[0].shape[-1]), feeds(inputs))["out"]
+
+
+def triton_interpreter(inputs, affinity, exported):
+    """The Triton kernel in float32, on the CPU under TRITON_INTERPRET=1 (conftest sets it without a GPU)."""
+    from xmr.models.ops.random_walk_gcn.triton import random_walk_gcn_triton
+
+    as_float = (x.float() if x.is_floating_point() else x for x in inputs)
+    return random_walk_gcn_triton(*as_float, affinity, EPS).numpy()
 
 
 IMPLEMENTATIONS = [  # (run(inputs in float64, affinity, exported) -> numpy, atol against the reference)
@@ -169,6 +179,7 @@ IMPLEMENTATIONS = [  # (run(inputs in float64, affinity, exported) -> numpy, ato
     pytest.param(numpy_op, 1e-12, id="numpy-op"),
     pytest.param(cuda_custom_op, 1e-5, id="cuda", marks=pytest.mark.gpu),
     pytest.param(tensorrt_standard, 1e-5, id="tensorrt-standard", marks=pytest.mark.tensorrt),
+    pytest.param(triton_interpreter, 1e-5, id="triton-interpreter", marks=pytest.mark.triton_interpreter),
 ]
 
 
@@ -227,6 +238,38 @@ def test_plugin_op_has_the_reference_gradients(affinity):
         grads.append([t.grad for t in inputs])
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b)
+
+
+HALF_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 2e-2}  # x the output's scale; a few ulps of each
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("affinity", AFFINITIES)
+@pytest.mark.parametrize("dtype", HALF_TOLERANCE, ids=["float16", "bfloat16"])
+def test_reference_and_custom_op_run_in_half_precision(dtype, affinity, case):
+    """No "cannot be converted to type c10::Half without overflow" (the old -1e9 fill), no inf / NaN, and
+    the float32 result of the same (rounded) inputs within the dtype's precision."""
+    phi, psi, g, mask = (x.to(dtype) if x.is_floating_point() else x for x in CASES[case]())
+    want = random_walk_gcn_reference(phi.float(), psi.float(), g.float(), mask, affinity, EPS)
+    for fn in (random_walk_gcn_reference, torch.ops.xmr.random_walk_gcn):
+        got = fn(phi, psi, g, mask, affinity, EPS)
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        assert (got[~mask] == 0).all()
+        scale = max(1.0, want.abs().max().item())
+        assert (got.float() - want).abs().max().item() <= HALF_TOLERANCE[dtype] * scale
+    p = transition_matrix(phi, psi, mask, affinity)
+    assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_softmax_affinity_is_masked_scaled_dot_product_attention(case):
+    """softmax(phi psi^T / sqrt(C), valid columns) g is SDPA with the column mask, on every valid row."""
+    phi, psi, g, mask = (x.float() if x.is_floating_point() else x for x in CASES[case]())
+    want = random_walk_gcn_reference(phi, psi, g, mask, "softmax", EPS)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(phi, psi, g, attn_mask=mask.unsqueeze(1))
+    assert torch.allclose(sdpa[mask], want[mask], atol=1e-5)
+    assert torch.allclose(random_walk_gcn_sdpa(phi, psi, g, mask), want, atol=1e-5)  # padded rows too
+    assert torch.allclose(torch.ops.xmr.random_walk_gcn(phi, psi, g, mask, "softmax", EPS), want, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- graphs and schema

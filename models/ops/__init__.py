@@ -7,6 +7,8 @@ concern per file:
                    the layer that calls the op
     onnx_op.py     the `xmr::<OpType>` ONNX schema, its shape inference, its onnxscript translation
     numpy_ref.py   the numpy op that runs the ONNX node in onnx.reference.ReferenceEvaluator
+    triton.py      the forward as OpenAI-Triton kernels: the custom op's CUDA kernel (imported on first
+                   CUDA call, so the package imports without triton)
 
 An implementation is one more file in the folder, and one more parameter of the op's parity test
 (tests/test_op_<op>.py), which runs every implementation against the torch reference. `onnx_domain`

@@ -8,11 +8,18 @@ node; a TensorRT plugin dispatches on the input rank exactly as the reference do
 
 Two call forms, chosen per call by `form` (per module by `op_form`, see `DeformSampler`):
 - "standard": the torch reference (`reference.py`); torch.onnx decomposes it into standard ONNX ops.
-- "plugin": `torch.ops.xmr.deform_sample`, a registered custom op whose eager kernel is the same reference
-  (autograd recomputes the reference); the ONNX export turns it into one node (`onnx_op.py`).
+- "plugin": `torch.ops.xmr.deform_sample`, a registered custom op; the ONNX export turns it into one node
+  (`onnx_op.py`).
+
+The custom op's kernels: on CUDA, the Triton kernels (`triton.py`, imported on first use so the package
+imports where triton is absent; float64 inputs, or no triton, fall back to the reference); on other
+devices the reference. The backward, on every device CUDA included, recomputes the reference under
+autograd (no Triton backward kernel): the gradients are exactly the reference's.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -26,6 +33,30 @@ def deform_sample_plugin(
 ) -> torch.Tensor:
     """The same computation behind an opaque custom op (one node in the exported graph)."""
     return deform_sample_reference(value, mask, positions, weights)
+
+
+@functools.cache
+def _triton_forward():
+    """`deform_sample_triton`, or None where triton is not installed (imported on the first CUDA call)."""
+    try:
+        from xmr.models.ops.deform_sample.triton import deform_sample_triton
+    except ImportError:
+        return None
+    return deform_sample_triton
+
+
+def cuda_kernel(value, mask, positions, weights):
+    """The op's CUDA kernel: the Triton kernels for what they implement, the reference otherwise."""
+    forward = _triton_forward()
+    if forward is not None:
+        from xmr.models.ops.deform_sample.triton import DTYPES
+
+        if all(x.dtype in DTYPES for x in (value, positions, weights)):
+            return forward(value, mask, positions, weights)
+    return deform_sample_reference(value, mask, positions, weights)
+
+
+deform_sample_plugin.register_kernel("cuda")(cuda_kernel)
 
 
 @deform_sample_plugin.register_fake

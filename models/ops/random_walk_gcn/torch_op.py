@@ -5,17 +5,24 @@ only the fused affinity + normalisation + aggregation (`reference.py`) is the op
 
 Two call forms, chosen per layer by `op_form`:
 - "standard": the torch reference (`reference.py`); torch.onnx decomposes it into standard ONNX ops.
-- "plugin": `torch.ops.xmr.random_walk_gcn`, a registered custom op whose eager kernel is the same
-  reference (autograd recomputes the reference); the ONNX export turns it into one `xmr::RandomWalkGCN`
-  node (`onnx_op.py`).
+- "plugin": `torch.ops.xmr.random_walk_gcn`, a registered custom op; the ONNX export turns it into one
+  `xmr::RandomWalkGCN` node (`onnx_op.py`).
+
+The custom op's kernels: on CUDA, the Triton kernel (`triton.py`, imported on first use so the package
+imports where triton is absent; float64, K > 256 regions, or no triton fall back to the reference); on
+other devices the reference, with the softmax affinity computed as masked scaled dot-product attention
+(`random_walk_gcn_sdpa`, equal up to float rounding). Autograd, on every device, recomputes the reference
+(so the gradients are the reference's).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from xmr.models.ops.random_walk_gcn.reference import random_walk_gcn_reference
+from xmr.models.ops.random_walk_gcn.reference import random_walk_gcn_reference, random_walk_gcn_sdpa
 
 
 @torch.library.custom_op("xmr::random_walk_gcn", mutates_args=())
@@ -23,7 +30,34 @@ def random_walk_gcn_plugin(
     phi: torch.Tensor, psi: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, affinity: str, eps: float
 ) -> torch.Tensor:
     """The same computation behind an opaque custom op (one node in the exported graph)."""
+    if affinity == "softmax" and mask.dtype == torch.bool:
+        return random_walk_gcn_sdpa(phi, psi, g, mask)
     return random_walk_gcn_reference(phi, psi, g, mask, affinity, eps)
+
+
+@functools.cache
+def _triton_forward():
+    """`random_walk_gcn_triton`, or None where triton is not installed (imported on the first CUDA call)."""
+    try:
+        from xmr.models.ops.random_walk_gcn.triton import random_walk_gcn_triton
+    except ImportError:
+        return None
+    return random_walk_gcn_triton
+
+
+def cuda_kernel(phi, psi, g, mask, affinity, eps):
+    """The op's CUDA kernel: the Triton kernel for what it implements, the reference otherwise."""
+    forward = _triton_forward()
+    if forward is not None:
+        from xmr.models.ops.random_walk_gcn.triton import DTYPES, MAX_REGIONS
+
+        same_dtype = phi.dtype == psi.dtype == g.dtype
+        if same_dtype and g.dtype in DTYPES and g.dim() == 3 and g.shape[1] <= MAX_REGIONS:
+            return forward(phi, psi, g, mask, affinity, eps)
+    return random_walk_gcn_reference(phi, psi, g, mask, affinity, eps)
+
+
+random_walk_gcn_plugin.register_kernel("cuda")(cuda_kernel)
 
 
 @random_walk_gcn_plugin.register_fake
