@@ -54,6 +54,7 @@ from xmr.export.runners import Feeds, runner_for
 from xmr.export.scoring import ArtifactTask, Run, run_of
 from xmr.models.checkpoint import atomic_dir
 from xmr.models.errors import InputError
+from xmr.models.ops.onnx_domain import register_schemas
 
 PRECISIONS = ("fp16", "int8", "int8-qdq")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -208,7 +209,7 @@ class GraphConverter:
             op_block_list=[*DEFAULT_OP_BLOCK_LIST, *XMR_OPS],
             node_block_list=sorted(keep),
         )
-        onnx.save(model, path)
+        onnx.save(tidied(model), path)
 
     def _int8(self, path: Path, keep: set[str]) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -223,28 +224,67 @@ class GraphConverter:
         )
 
     def _int8_qdq(self, path: Path, keep: set[str]) -> None:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-        method = {
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-        }[self.method]
+        self._calibrate()
         quantize_static(
             self.prepared,
             path,
-            CalibrationReader(pad_to_common_shape(self.calibration, self.spec)),
+            None,  # the ranges come from the calibration cache
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(INT8_OPS["int8-qdq"]),
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=sorted(keep),
-            calibrate_method=method,
+            calibrate_method=self._method(),
             calibration_cache_path=self.cache,
             # TensorRT takes symmetric INT8 only (zero points 0)
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
+
+    def _method(self):
+        from onnxruntime.quantization import CalibrationMethod
+
+        return {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[self.method]
+
+    def _calibrate(self) -> None:
+        """Compute the activation ranges once, batch by batch (the calibrator holds one batch of activations
+        at a time, not the whole calibration set), into ONNX Runtime's calibration cache."""
+        if self.cache.is_file():
+            return
+        from onnxruntime.quantization import create_calibrator, save_tensors_data
+
+        if not self.calibration:
+            raise InputError(f"no calibration inputs were recorded for {self.spec.name}")
+        with tempfile.TemporaryDirectory(dir=self.work) as tmp:
+            calibrator = create_calibrator(
+                self.prepared,
+                list(INT8_OPS["int8-qdq"]),
+                augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                calibrate_method=self._method(),
+                extra_options={"symmetric": True},
+            )
+            batches = pad_to_common_shape(self.calibration, self.spec)
+            for feeds in tqdm(batches, desc=f"calibrate {self.spec.name}", leave=False, disable=None):
+                calibrator.collect_data(CalibrationReader([feeds]))
+            save_tensors_data(calibrator.compute_data(), self.cache)
+
+
+def tidied(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The FP16 converter appends the casts of kept-FP32 inputs after their consumers and leaves stale
+    float16 types in `value_info`; ONNX Runtime does not mind, the reference evaluator (plugin-form graphs)
+    and the ONNX checker do. The types are dropped (shape inference recomputes them) and onnx-ir sorts."""
+    import onnx_ir
+
+    del model.graph.value_info[:]
+    graph = onnx_ir.from_proto(model)
+    graph.graph.sort()
+    return onnx_ir.to_proto(graph)
 
 
 # ops the FP16 search never offers: shape and index arithmetic, which carries no float data
@@ -290,9 +330,10 @@ class Optimizer:
             for g, spec in tqdm(task.specs.items(), desc="prepare", leave=False, disable=None)
         }
         self.dev = task.split("val", min(cfg.dev_items, self.items or cfg.dev_items))
-        recorder = Recorder(self.fp32, limit=4)  # the dev inputs of the per-node errors
+        recorder = Recorder(self.fp32, limit=1)  # each graph's first dev batch: the per-node errors' inputs
         self.dev_fp32 = task.score(recorder, self.dev)
-        self.dev_feeds = recorder.feeds
+        self.dev_feeds = {g: feeds[0] for g, feeds in recorder.feeds.items()}
+        self.dev_outputs = {g: self.fp32(g, feeds) for g, feeds in self.dev_feeds.items()}
         self.steps: list[dict] = []
 
     def runners(self, paths: dict[str, Path]):
@@ -326,7 +367,7 @@ class Optimizer:
         for g, node in tqdm(pairs, desc="per-node error", unit="node", leave=False, disable=None):
             path = self.converters[g].convert(folder / f"{g}.onnx", only={node})
             runner = self.runners({g: path})[g]
-            error = max(output_error(self.fp32(g, f), runner.run(f)) for f in self.dev_feeds[g])
+            error = output_error(self.dev_outputs[g], runner.run(self.dev_feeds[g]))
             ranking.append((error, g, node))
         return sorted(ranking, key=lambda r: -r[0])
 
@@ -374,6 +415,9 @@ def optimize(artifact: Path, out: Path, cfg: OptimizeConfig) -> dict:
         opt = Optimizer(artifact, manifest, task, cfg, Path(work))
         steps.update()
         keep, paths, ranking = opt.search()
+        register_schemas()  # the checker must know the xmr domain's ops
+        for path in paths.values():
+            onnx.checker.check_model(str(path), full_check=True)
         steps.update()
         test = task.split("test", opt.items)
         optimised = opt.runners(paths)

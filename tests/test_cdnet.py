@@ -98,3 +98,27 @@ def test_cdnet_export_forms(cdnet_runs, grid, tmp_path):
         onnx.load(tmp_path / "plugin" / "moment_model.onnx"), strict_mode=True
     )
     assert any(n.op_type == "DeformSample" and n.domain == "xmr" for n in inferred.graph.node)
+
+
+@pytest.mark.slow
+def test_optimize_cdnet_with_the_deform_sample_node(cdnet_runs, tmp_path):
+    """FP16 and INT8 of the trilinear CDNet in plugin form: the xmr::DeformSample node stays FP32 and the
+    moment metrics are recorded beside the FP32 graph's."""
+    from xmr.export.optimize import OptimizeConfig, optimize
+
+    _, run = cdnet_runs[True]
+    export_moment_run(run, tmp_path / "plugin", "plugin", parity_queries=8)
+    register_schemas()
+    for precision in ("fp16", "int8"):
+        cfg = OptimizeConfig(precision, max_recall_drop=100)
+        manifest = optimize(tmp_path / "plugin", tmp_path / precision, cfg)
+        graph = onnx.load(tmp_path / precision / "moment_model.onnx")
+        (node,) = xmr_nodes(graph)
+        inferred = onnx.shape_inference.infer_shapes(graph)
+        types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+        assert all(types.get(x, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for x in node.input if x)
+        report = manifest["optimization"]
+        assert set(report["metrics"]) == {"pytorch", "onnx_fp32", precision}
+        assert report["gate"]["metrics"] == ["R1@0.5"]
+        spans = report["parity_vs_pytorch"]["moment_model"]["spans"]
+        assert spans["min_cosine"] > 0.98, (precision, spans)

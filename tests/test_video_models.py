@@ -128,3 +128,32 @@ def test_prota_export_with_pair_scorer(video_runs, tmp_path):
         assert parity["pair_scorer"]["scores"]["max_abs_err"] < 1e-4
         pytorch, onnx_ = parity["recall"]["pytorch"]["rsum"], parity["recall"]["onnx"]["rsum"]
         assert pytorch == pytest.approx(onnx_, abs=100 / 8)
+
+
+@pytest.mark.slow
+def test_optimize_video_artifacts(video_runs, tmp_path):
+    """INT8 of a plugin-form ViSERN (the xmr nodes stay FP32, run by the reference evaluator) and Q/DQ INT8
+    of ProTA with its pair scorer; a 16-video test split moves R@1 in steps of 6 points, so no gate here."""
+    from xmr.export.optimize import OptimizeConfig, optimize
+
+    _, visern = video_runs["visern"]
+    export_video_run(visern, tmp_path / "visern", "plugin", parity_videos=8)
+    manifest = optimize(
+        tmp_path / "visern", tmp_path / "visern-int8", OptimizeConfig("int8", max_recall_drop=100)
+    )
+    graph = onnx.load(tmp_path / "visern-int8" / "video_encoder.onnx")
+    register_schemas()
+    assert len(xmr_nodes(graph)) == 4 and "MatMulInteger" in {n.op_type for n in graph.graph.node}
+    report = manifest["optimization"]
+    assert report["n_items"] <= 32  # the reference evaluator scores a subset
+    assert report["parity_vs_pytorch"]["video_encoder"]["video_embedding"]["min_cosine"] > 0.98
+
+    _, prota = video_runs["prota"]
+    export_video_run(prota, tmp_path / "prota", "standard")
+    cfg = OptimizeConfig("int8-qdq", calibration=16, max_recall_drop=100)
+    manifest = optimize(tmp_path / "prota", tmp_path / "prota-qdq", cfg)
+    parity = manifest["optimization"]["parity_vs_pytorch"]
+    assert set(parity) == {"text_encoder", "video_encoder", "pair_scorer"}
+    assert all(p["min_cosine"] > 0.95 for outputs in parity.values() for p in outputs.values()), parity
+    ops = {n.op_type for n in onnx.load(tmp_path / "prota-qdq" / "pair_scorer.onnx").graph.node}
+    assert "QuantizeLinear" in ops or manifest["optimization"]["candidates"]["pair_scorer"] == 0
