@@ -61,6 +61,7 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # the op types each precision converts (candidates for the search); everything else stays as exported
 INT8_OPS = {"int8": ("MatMul", "Gemm"), "int8-qdq": ("MatMul", "Gemm", "Conv")}
 XMR_OPS = ("DeformSample", "RandomWalkGCN")
+CALIBRATION_BATCHES = 32  # at most this many recorded batches per graph calibrate it (bounded memory)
 PLUGIN_ITEMS = 32  # plugin-form graphs run in the (slow) reference evaluator: score this many items
 
 
@@ -320,7 +321,7 @@ class Optimizer:
         self.fp32 = run_of(self.runners({g: artifact / f"{g}.onnx" for g in task.specs}))
         calibration = {}
         if cfg.precision == "int8-qdq":
-            recorder = Recorder(self.fp32, limit=10**9)
+            recorder = Recorder(self.fp32, limit=CALIBRATION_BATCHES)
             task.score(recorder, task.split("train", cfg.calibration))
             calibration = recorder.feeds
         self.converters = {

@@ -183,3 +183,42 @@ def test_cli_optimize_prints_the_tables_and_rejects_bad_input(optimised, tiny_ar
         app, ["optimize", str(root / "int8"), "--precision", "fp16", "--out", str(tmp_path / "x")]
     )
     assert isinstance(result.exception, InputError) and "already optimised" in str(result.exception)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("precision", ["int8", "int8-qdq"])
+def test_an_optimised_artifact_serves_through_the_same_repository(optimised, precision, tmp_path):
+    """`xmr repo` + the real tritonserver on an INT8 artifact: the served text embeddings are the INT8
+    graph's, and the served top-k is the brute-force top-k of its gallery."""
+    from xmr.clients.served import rankings_agree
+    from xmr.clients.server import TritonServer
+    from xmr.clients.triton_client import XmrClient
+    from xmr.export.repository import build_repository
+    from xmr.export.scoring import ArtifactTask
+
+    root, manifests = optimised
+    folder = root / precision
+    task = ArtifactTask.of(manifests[precision])
+    texts = task.split("test").flat_captions()[:40]
+    runner = OnnxRunner(folder / "text_encoder.onnx", task.specs["text_encoder"])
+    want = embed_texts_with(runner, task, texts)
+    gallery = np.load(folder / "gallery.npy")
+    server = TritonServer(build_repository(folder, tmp_path / "repository", "cpu")).start()
+    try:
+        result = XmrClient(server.grpc_url).text_search(texts, k=10)
+    finally:
+        server.stop()
+    assert np.abs(result.text_embedding - want).max() < 1e-4
+    assert rankings_agree(result.ids, result.scores, want, gallery, 1e-4).all()
+
+
+def embed_texts_with(runner, task, texts):
+    from xmr.export.scoring import embed_texts
+    from xmr.models.tokenizer import TextLimits
+
+    return embed_texts(
+        run_of({"text_encoder": runner}),
+        task.tokenizer,
+        texts,
+        TextLimits(max_tokens=task.model.cfg.max_tokens),
+    )
