@@ -62,6 +62,12 @@ def train(
     grid: bool = typer.Option(
         False, help="cdnet: trilinear (t, y, x) sampling over each clip's spatial grid"
     ),
+    text_tower: str = typer.Option(
+        "gru", help="rvse: gru (trained from scratch) | minilm (frozen all-MiniLM-L6-v2 + trained projection)"
+    ),
+    text_cache: Path | None = typer.Option(
+        None, help="rvse --text-tower minilm: folder caching the caption vectors"
+    ),
 ):
     """Train a model and write OUT/{model.safetensors, config.json, tokenizer.json, metrics.json}."""
     if model not in MODELS:
@@ -81,6 +87,8 @@ def train(
             lr=lr or 2e-3,
             loss=loss,
             relevance=relevance,
+            text_tower=text_tower,
+            text_cache=str(text_cache) if text_cache else None,
         )
         metrics = run_training(cfg, out)
     elif model == "cdnet":

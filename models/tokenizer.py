@@ -1,4 +1,4 @@
-"""Word-level caption tokenizer, one ``tokenizer.json`` shared by training and serving.
+"""Caption tokenizers, one ``tokenizer.json`` shared by training and serving.
 
 Word level rather than BPE/WordPiece because the vocabularies we train on are small and closed
 (Shapes has ~60 words, the VSE-family captions ~10K after a frequency cut), which is what the GRU
@@ -6,6 +6,14 @@ text encoders of VSE++/SCAN were built for. The tokenizer is a Hugging Face ``to
 so the exact same file - normalisation (NFD, lower-case, strip accents), splitting and vocabulary -
 is loaded by the training loop and by the Triton tokenizer model, and ``encode_batch`` below is
 the single function both call, so the ids can never drift apart.
+
+A pretrained text tower brings its own tokenizer instead (all-MiniLM-L6-v2: WordPiece, ``[PAD]`` = 0,
+``[UNK]`` = 100, ``[CLS] ... [SEP]`` added by the file's post-processor). ``encode_batch`` handles both:
+a tokenizer without a post-processor gets its words truncated to ``max_tokens``; one with a
+post-processor gets its word pieces truncated to ``max_tokens`` minus the special tokens the
+post-processor adds, and then the post-processor, so a truncated caption still ends in ``[SEP]``.
+``encode_batch`` alone truncates and pads: a tokenizer that would do either itself is refused, and
+``load_tokenizer`` switches both off (MiniLM's own file pads to 128).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from xmr.models.errors import InputError
 
 PAD, UNK = "[PAD]", "[UNK]"
-PAD_ID, UNK_ID = 0, 1
+PAD_ID, UNK_ID = 0, 1  # train_tokenizer's ids; a pretrained tokenizer keeps [PAD]=0, its [UNK] may differ
 
 
 @dataclass
@@ -66,7 +74,9 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Read a ``tokenizer.json`` written by ``save_tokenizer`` (``path`` may be its folder)."""
+    """Read a ``tokenizer.json`` written by ``save_tokenizer`` (``path`` may be its folder).
+
+    Any padding or truncation stored in the file is switched off: ``encode_batch`` does both."""
     path = _resolve(path)
     if not path.is_file():
         raise InputError(
@@ -76,10 +86,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises a bare Exception on bad JSON
         raise InputError(f"tokenizer file {path} is not a valid tokenizer.json ({e})") from e
-    if tok.token_to_id(PAD) != PAD_ID or tok.token_to_id(UNK) != UNK_ID:
+    if tok.token_to_id(PAD) != PAD_ID or tok.token_to_id(UNK) is None:
         raise InputError(
-            f"tokenizer file {path} does not have {PAD}=0 and {UNK}=1; expected one from train_tokenizer"
+            f"tokenizer file {path} does not have {PAD}=0 and an {UNK} token; expected one from "
+            "train_tokenizer (or a pretrained text tower's, e.g. minilm_tokenizer)"
         )
+    tok.no_padding()
+    tok.no_truncation()
     return tok
 
 
@@ -101,18 +114,38 @@ def encode_batch(
     tok: Tokenizer, texts: Sequence[str], limits: TextLimits = TextLimits()
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (B, L) int64, right-padded with 0 to the longest text (after truncation to
-    ``limits.max_tokens``), and lengths (B,) int64. Raises InputError naming the first bad text."""
+    ``limits.max_tokens``, special tokens included), and lengths (B,) int64. Raises InputError naming
+    the first bad text."""
     if isinstance(texts, (str, bytes)):
         raise InputError(f"texts is a single {type(texts).__name__}; expected a sequence of strings")
     if len(texts) == 0:
         raise InputError("texts is empty; expected at least one text")
     for i, text in enumerate(texts):
         _check_text(i, text, limits)
+    if tok.padding is not None or tok.truncation is not None:
+        raise InputError(
+            "the tokenizer pads or truncates by itself; expected neither (encode_batch does both): "
+            "load it with load_tokenizer, or call no_padding() and no_truncation()"
+        )
+    post = tok.post_processor  # None for train_tokenizer's word-level tokenizers
+    n_special = 0 if post is None else post.num_special_tokens_to_add(False)
+    if limits.max_tokens <= n_special:
+        raise InputError(
+            f"max_tokens={limits.max_tokens} leaves no room for words; expected more than the "
+            f"{n_special} special tokens the tokenizer adds"
+        )
+    unk_id = tok.token_to_id(UNK)
     encodings = tok.encode_batch(list(texts), add_special_tokens=False)
-    ids = [e.ids[: limits.max_tokens] for e in encodings]
-    for i, row in enumerate(ids):
-        if all(t == UNK_ID for t in row):  # also catches punctuation-free texts that tokenise to nothing
+    words = [e.ids[: limits.max_tokens - n_special] for e in encodings]
+    for i, row in enumerate(words):
+        if all(t == unk_id for t in row):  # also catches punctuation-free texts that tokenise to nothing
             raise InputError(f"text {i} has no known words: {_shorten(texts[i])}")
+    if post is None:
+        ids = words
+    else:  # truncate the word pieces, then let the post-processor add [CLS] ... [SEP]
+        for e in encodings:
+            e.truncate(limits.max_tokens - n_special)
+        ids = [post.process(e).ids for e in encodings]
     lengths = np.array([len(row) for row in ids], dtype=np.int64)  # (B,)
     input_ids = np.full((len(ids), int(lengths.max())), PAD_ID, dtype=np.int64)  # (B, L)
     for i, row in enumerate(ids):

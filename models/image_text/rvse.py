@@ -19,6 +19,10 @@ Reconstructed (no method section was available), with the defaults chosen here:
   masked mean pooling -> linear -> L2 norm. Our specification allows a bi-GRU or a small Transformer; the
   Transformer with a mask makes each caption's embedding independent of how much padding its batch carries,
   which the served model relies on (the dynamic batcher pads requests together).
+- Text tower choice (`text_tower`): "gru" (the default, every run before this option) is the tower above,
+  trained from scratch - the name is the VSE family's (VSE++ / SCAN train a GRU there); ours is the
+  masked Transformer just described. "minilm" is a pretrained sentence encoder, all-MiniLM-L6-v2, frozen,
+  with a trained projection (see minilm.py); both take (input_ids, lengths).
 
 Like CLIP, the model exposes `encode_image` and `encode_text`; each tower is exported and served on its
 own, and similarity / top-k live outside the networks.
@@ -33,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xmr.models.errors import InputError
+
 
 @dataclass
 class RVSEConfig:
@@ -43,12 +49,15 @@ class RVSEConfig:
     backbone_channels: tuple[int, ...] = (32, 64, 128)  # 3 stride-2 stages: 8x8 grid of regions
     region_dim: int | None = None  # set for precomputed region features: the backbone is skipped
     pooling: str = "gpo"  # "gpo" | "meanmax"
-    # text tower
+    # text tower: "gru" reads all of these; "minilm" only max_tokens and the text_tower / text_encoder* fields
     word_dim: int = 128
     text_layers: int = 2
     text_heads: int = 4
     max_tokens: int = 32  # positions the text tower knows; the tokenizer truncates to this
     dropout: float = 0.1
+    text_tower: str = "gru"  # "gru": TextTower, trained from scratch | "minilm": minilm.MiniLMTextTower
+    text_encoder: dict | None = None  # "minilm": the frozen encoder's BertConfig fields (from its package)
+    text_encoder_sha256: str | None = None  # "minilm": sha256 of the weights file the encoder was copied from
     # preprocessing facts that travel with the exported model (see preprocess.py)
     pixel_mean: tuple[float, float, float] = field(default=(0.1, 0.1, 0.1))
     pixel_std: tuple[float, float, float] = field(default=(0.25, 0.25, 0.25))
@@ -236,15 +245,24 @@ class TextTower(nn.Module):
 
 # ----------------------------------------------------------------------------- the model
 
+TEXT_TOWERS = ("gru", "minilm")
+
 
 class RVSE(nn.Module):
     def __init__(self, cfg: RVSEConfig):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("RVSEConfig.vocab_size must be set from the tokenizer (got 0)")
+        if cfg.text_tower not in TEXT_TOWERS:
+            raise InputError(f"unknown text tower {cfg.text_tower!r}; valid: {', '.join(TEXT_TOWERS)}")
         self.cfg = cfg
         self.image = ImageTower(cfg)
-        self.text = TextTower.of(cfg)
+        if cfg.text_tower == "gru":
+            self.text = TextTower.of(cfg)
+        else:  # imported here: transformers is an optional extra, the default tower does not need it
+            from xmr.models.image_text.minilm import MiniLMTextTower
+
+            self.text = MiniLMTextTower.of(cfg)
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels, or (B, R, Dr) region features -> (B, D) unit vectors."""

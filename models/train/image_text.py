@@ -3,6 +3,12 @@
 An epoch visits every training image once, each paired with one of its captions drawn at random, so the
 batch similarity matrix is square with positives on the diagonal. The model state with the best rSum on
 the validation split is kept; the test split is scored once at the end.
+
+With ``text_tower="minilm"`` the text encoder is all-MiniLM-L6-v2, frozen (models/image_text/minilm.py):
+its 384-d sentence vectors of every train and val caption are computed once before the first epoch (in
+memory; on disk too with ``text_cache``), so an epoch trains only the image tower and the text
+projection, and validation projects the cached val vectors. The test split is scored by the whole
+tower (BERT included) on token ids, as the exported graph will be.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from xmr.models.checkpoint import save_run
 from xmr.models.data import load_split
 from xmr.models.data.base import RetrievalSplit
 from xmr.models.errors import InputError
-from xmr.models.evaluate.image_text import evaluate
+from xmr.models.evaluate.image_text import embed_images, evaluate
+from xmr.models.evaluate.retrieval import retrieval_metrics
 from xmr.models.image_text.inputs import image_inputs
 from xmr.models.image_text.relevance import CaptionRelevance
-from xmr.models.image_text.rvse import RVSE, RVSEConfig
+from xmr.models.image_text.rvse import RVSE, TEXT_TOWERS, RVSEConfig
 from xmr.models.losses import LOSSES, make_loss
 from xmr.models.tokenizer import TextLimits, encode_batch, train_tokenizer
 from xmr.models.train.loop import FitConfig, Task, Validation, fit, seed_everything
@@ -44,6 +51,8 @@ class TrainConfig:
     grad_clip: float = 2.0
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    text_tower: str = "gru"  # "gru": trained from scratch | "minilm": frozen all-MiniLM-L6-v2 + projection
+    text_cache: str | None = None  # folder caching the frozen MiniLM's caption vectors (minilm)
 
 
 # (train, validation, test) file names per dataset: the VSE precomputed folders call validation "dev"
@@ -78,9 +87,15 @@ class ImageTextTask(Task):
         self.cfg = cfg
         self.splits = load_splits(cfg)
         train_split = self.splits["train"]
-        self.tokenizer = train_tokenizer(train_split.flat_captions())
-        self.model = RVSE(make_model_config(train_split, self.tokenizer.get_vocab_size(), model_overrides))
-        self.limits = TextLimits(max_tokens=self.model.cfg.max_tokens)
+        self.sentences: dict[str, torch.Tensor] | None = None  # minilm: cached caption vectors per split
+        if cfg.text_tower == "minilm":
+            self._init_minilm(train_split, model_overrides)
+        else:
+            self.tokenizer = train_tokenizer(train_split.flat_captions())
+            self.model = RVSE(
+                make_model_config(train_split, self.tokenizer.get_vocab_size(), model_overrides)
+            )
+            self.limits = TextLimits(max_tokens=self.model.cfg.max_tokens)
         self.main_loss = make_loss(cfg.loss)
         self.warm_loss = make_loss(cfg.loss, hardest=False) if cfg.loss == "triplet_hn" else self.main_loss
         self.labels = None  # continuous labels, for the losses that learn from them
@@ -88,22 +103,52 @@ class ImageTextTask(Task):
             self.labels = CaptionRelevance(train_split.captions, cfg.relevance, cfg.relevance_cache)
         self.size = len(train_split.images)
 
+    def _init_minilm(self, train_split: RetrievalSplit, model_overrides: dict | None) -> None:
+        """The MiniLM tokenizer, a model with the package's encoder weights, the cached caption vectors."""
+        from xmr.models.image_text import minilm
+
+        self.tokenizer = minilm.minilm_tokenizer()
+        overrides = {**minilm.model_overrides(), **(model_overrides or {})}
+        self.model = RVSE(make_model_config(train_split, self.tokenizer.get_vocab_size(), overrides))
+        self.model.text.load_pretrained(self.model.cfg.text_encoder_sha256)
+        self.limits = TextLimits(max_tokens=self.model.cfg.max_tokens)
+        self.sentences = {
+            role: torch.from_numpy(
+                minilm.caption_sentences(
+                    self.model.text,
+                    self.tokenizer,
+                    self.splits[role].flat_captions(),
+                    self.limits,
+                    self.cfg.text_cache,
+                    self.model.cfg.text_encoder_sha256,
+                )
+            )
+            for role in ("train", "val")
+        }
+
     def loss(self, batch: np.ndarray, rng: np.random.Generator, epoch: int) -> torch.Tensor:
         split, idx = self.splits["train"], np.sort(batch)  # images of the batch
         cpi = split.captions_per_image
         caption_idx = idx * cpi + rng.integers(cpi, size=len(idx))  # one random caption each (flat index)
-        texts = [split.captions[c // cpi][c % cpi] for c in caption_idx]
-        ids, lengths = encode_batch(self.tokenizer, texts, self.limits)
         images = image_inputs(split.images[idx], self.model.cfg)
-        # (B, B) similarities, diagonal positives
-        sim = self.model(images, torch.from_numpy(ids), torch.from_numpy(lengths))
+        if self.sentences is None:
+            texts = [split.captions[c // cpi][c % cpi] for c in caption_idx]
+            ids, lengths = encode_batch(self.tokenizer, texts, self.limits)
+            # (B, B) similarities, diagonal positives
+            sim = self.model(images, torch.from_numpy(ids), torch.from_numpy(lengths))
+        else:  # frozen MiniLM: only the projection of the cached caption vectors trains on the text side
+            text = self.model.text.project(self.sentences["train"][torch.from_numpy(caption_idx)])
+            sim = self.model.encode_image(images) @ text.T
         loss_fn = self.warm_loss if epoch < self.cfg.warmup_epochs else self.main_loss
         if self.labels is None:
             return loss_fn(sim)
         return loss_fn(sim, torch.from_numpy(self.labels.block(idx, caption_idx)))
 
     def validate(self) -> Validation:
-        val = evaluate(self.model, self.tokenizer, self.splits["val"])
+        if self.sentences is None:
+            val = evaluate(self.model, self.tokenizer, self.splits["val"])
+        else:
+            val = evaluate_cached(self.model, self.splits["val"], self.sentences["val"])
         return Validation(
             score=val["rsum"],
             metrics=val,
@@ -122,10 +167,21 @@ class ImageTextTask(Task):
         save_run(out, self.model, self.tokenizer, meta, metrics)
 
 
+@torch.no_grad()
+def evaluate_cached(model: RVSE, split: RetrievalSplit, sentences: torch.Tensor) -> dict[str, float]:
+    """``evaluate`` for a frozen MiniLM tower from the split's cached (N_captions, 384) sentence vectors:
+    the same numbers up to float32 rounding, without running BERT again."""
+    img = embed_images(model, split.images)
+    txt = model.text.project(sentences).numpy()
+    return retrieval_metrics(img @ txt.T, split.caption_image_index())
+
+
 def train(cfg: TrainConfig, out: Path, model_overrides: dict | None = None) -> dict:
     """Train, keep the best-on-val state, evaluate on test, write the run folder; returns its metrics."""
     if cfg.loss not in LOSSES:
         raise InputError(f"unknown loss {cfg.loss!r}; valid: {', '.join(sorted(LOSSES))}")
+    if cfg.text_tower not in TEXT_TOWERS:
+        raise InputError(f"unknown text tower {cfg.text_tower!r}; valid: {', '.join(TEXT_TOWERS)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
