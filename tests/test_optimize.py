@@ -104,7 +104,11 @@ def test_the_gallery_comes_from_the_optimised_image_tower(optimised):
 def test_the_manifest_records_the_search(optimised):
     _, manifests = optimised
     report = manifests["int8"]["optimization"]
-    assert report["search"][0]["kept_fp32"] == 0  # the whole model is tried first
+    assert report["search"][0] == {
+        "step": "all",
+        "kept_fp32": 0,
+        "dev_gate_drop": report["search"][0]["dev_gate_drop"],
+    }
     assert report["candidates"]["text_encoder"] > 0
     assert json.dumps(report)  # plain JSON
 
@@ -124,10 +128,10 @@ def test_a_zero_gate_searches_for_nodes_to_keep_and_names_the_drop(tiny_artifact
         report = manifest["optimization"]
         assert report["gate"]["test_drop"] <= 0
     search, kept = report["search"], sum(len(n) for n in report["kept_fp32"].values())
-    assert search[0] == {"kept_fp32": 0, "dev_gate_drop": search[0]["dev_gate_drop"]}
+    assert search[0]["step"] == "all" and search[0]["kept_fp32"] == 0  # the whole model first
     if search[0]["dev_gate_drop"] > 0:  # the whole model failed on dev: nodes ranked, the fewest kept
-        assert report["most_harmful"] and all(r["dev_error"] >= 0 for r in report["most_harmful"])
-        chosen = [s for s in search if s["kept_fp32"] == kept]
+        assert report["most_harmful"] and all(r["estimated_dev_drop"] >= 0 for r in report["most_harmful"])
+        chosen = [s for s in search if s["kept_fp32"] == kept and s["step"].startswith("keep")]
         everything = sum(report["candidates"].values())
         assert kept == everything or (chosen and chosen[0]["dev_gate_drop"] <= 0)
 
