@@ -9,6 +9,7 @@ from the served image embeddings against the served text embeddings. `check_agai
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -125,3 +126,28 @@ def check_against_reference(
         len(agree),
         tol,
     )
+
+
+def search_fresh_server(
+    artifact: Path,
+    repository: Path,
+    texts: list[str],
+    reference_text: np.ndarray,
+    k: int = 10,
+    tol: float = 1e-4,
+) -> tuple[float, np.ndarray]:
+    """One round trip through a server of its own: write `artifact`'s CPU repository to `repository`, start
+    tritonserver on it, send `texts` through `text_search`, stop it. Returns the max abs error of the served
+    text embeddings against `reference_text` and, per text, whether the served top-k is the reference's
+    ranking of the artifact's gallery (`rankings_agree`)."""
+    from xmr.clients.server import TritonServer
+    from xmr.export.repository import build_repository
+
+    server = TritonServer(build_repository(artifact, repository, "cpu")).start()
+    try:
+        result = XmrClient(server.grpc_url).text_search(texts, k)
+    finally:
+        server.stop()
+    gallery = np.load(Path(artifact) / "gallery.npy")
+    error = float(np.abs(result.text_embedding - reference_text).max())
+    return error, rankings_agree(result.ids, result.scores, reference_text, gallery, tol)

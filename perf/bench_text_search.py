@@ -62,6 +62,7 @@ from xmr.export.runtime import GalleryIndex, OnnxRunner
 from xmr.models.data import load_split
 from xmr.models.errors import InputError
 from xmr.models.tokenizer import TextLimits, encode_batch, load_tokenizer
+from xmr.perf.tables import cpu_model
 
 MODEL = "text_search"
 # perf_analyzer links these sonames; the nvidia-pytriton wheel bundles them under hashed file names.
@@ -354,16 +355,6 @@ def plot(points: list[Point], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def tritonserver_version(server: TritonServer) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -33,6 +32,7 @@ from xmr.export.optimize import OptimizeConfig, RecallGateError, optimize
 from xmr.export.runners import OnnxRunner
 from xmr.export.scoring import ArtifactTask
 from xmr.models.tokenizer import TextLimits, encode_batch
+from xmr.perf.tables import cpu_model
 
 VARIANTS = {  # name -> (precision, gate); the gate 100 switches the dev search off
     "int8": ("int8", 0.5),
@@ -42,16 +42,6 @@ VARIANTS = {  # name -> (precision, gate); the gate 100 switches the dev search 
 }
 TOWERS = ("text_encoder", "image_encoder")
 BATCHES = (1, 64)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def tower_inputs(task: ArtifactTask, tower: str, batch: int) -> dict[str, np.ndarray]:
@@ -158,7 +148,7 @@ def write(rows: list[dict], out: Path, threads: int) -> None:
     import onnxruntime
 
     lines = [
-        f"CPU: {cpu_name()}, {os.cpu_count()} logical cores; ONNX Runtime {onnxruntime.__version__}, "
+        f"CPU: {cpu_model()}, {os.cpu_count()} logical cores; ONNX Runtime {onnxruntime.__version__}, "
         f"{threads} intra-op threads, ORT_ENABLE_ALL; median of repeated runs after warm-up.",
         "",
         "| artifact | variant | tower | batch | ms / batch | items/s | x FP32 | t2i R@1 | i2t R@1 | R@1 drop "

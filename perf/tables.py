@@ -1,8 +1,10 @@
-"""What the report scripts share: their command line and their markdown tables (the README's figures)."""
+"""What the report scripts share: their command line, their markdown tables (the README's figures), and the
+name of the CPU they measured on."""
 
 from __future__ import annotations
 
 import argparse
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,3 +25,14 @@ def header(labels: Sequence[str], columns: Sequence[str]) -> list[str]:
 def row(labels: Sequence[str], metrics: dict, columns: Sequence[str]) -> str:
     """One table row: the labels, then each metric of `columns` with one decimal."""
     return "| " + " | ".join([*labels, *(f"{metrics[c]:.1f}" for c in columns)]) + " |"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

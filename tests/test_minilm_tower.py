@@ -232,21 +232,12 @@ def test_exported_text_tower_has_dynamic_batch_and_tokens(minilm_run, minilm_art
 def test_the_served_tokenizer_and_tower_answer_as_pytorch(minilm_run, minilm_artifact, tmp_path) -> None:
     """The repository's tokenizer model runs MiniLM's WordPiece tokenizer.json and the served text tower is
     the whole MiniLM tower: served embeddings equal PyTorch's, served top-k is the gallery's brute force."""
-    from xmr.clients.served import rankings_agree
-    from xmr.clients.server import TritonServer
-    from xmr.clients.triton_client import XmrClient
-    from xmr.export.repository import build_repository
+    from xmr.clients.served import search_fresh_server
     from xmr.models.checkpoint import load_run
     from xmr.models.evaluate.image_text import embed_texts
 
     model, tok, _ = load_run(minilm_run)
     texts = ["a large red circle to the left of a small blue square", "the tiny green triangle", "Zürich?"]
     want = embed_texts(model, tok, texts)
-    gallery = np.load(minilm_artifact / "gallery.npy")
-    server = TritonServer(build_repository(minilm_artifact, tmp_path / "repository", "cpu")).start()
-    try:
-        result = XmrClient(server.grpc_url).text_search(texts, k=5)
-    finally:
-        server.stop()
-    assert np.abs(result.text_embedding - want).max() < 1e-4
-    assert rankings_agree(result.ids, result.scores, want, gallery, 1e-4).all()
+    error, agree = search_fresh_server(minilm_artifact, tmp_path / "repository", texts, want, k=5)
+    assert error < 1e-4 and agree.all()
