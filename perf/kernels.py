@@ -16,6 +16,12 @@ median time, in GB/s, and as a fraction of the GPU's peak memory bandwidth where
 `PEAK_BANDWIDTH_GBS`. Before timing, each implementation's output is compared with the eager reference's
 (max abs error, in the table).
 
+On a machine where the project is not installed (a lent GPU box with torch and triton only), run it from
+the repository root through a package shim (the top-level folders are mapped to `xmr.*` by pyproject):
+
+    mkdir -p /tmp/shim/xmr && for d in models export clients perf; do ln -sfn "$PWD/$d" /tmp/shim/xmr/$d; done
+    PYTHONPATH=/tmp/shim python -m xmr.perf.kernels --out perf/figures --repeats 50
+
 Writes OUT/kernels.csv, OUT/kernels.md (the table, with the GPU name and the torch and triton versions)
 and OUT/kernels.png (grouped bars, where matplotlib is installed). Without a CUDA device it exits with
 status 1 and one line saying so.
