@@ -21,14 +21,13 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from xmr.export.iospec import ModelSpec
-from xmr.export.manifest import MANIFEST, file_facts, read_manifest, verify_artifacts
+from xmr.export.manifest import MANIFEST, Manifest, file_facts, read_manifest, verify_artifacts
 from xmr.export.parity import ParityStats
 from xmr.export.runners import runner_for
 from xmr.export.trt_engine import (
@@ -175,11 +174,8 @@ def build_engines(
                 )
                 for name in graphs
             }
-        result = {
-            **manifest,
-            "files": manifest["files"] | file_facts(tmp, [f"{name}.plan" for name in graphs]),
-            "engines": entry,
-        }
-        # json as `Manifest.write` writes it; a plain dict keeps the keys the dataclass does not know
-        (tmp / MANIFEST).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return result
+        result = Manifest.from_dict(manifest)
+        result.files = manifest["files"] | file_facts(tmp, [f"{name}.plan" for name in graphs])
+        result.engines = entry
+        result.write(tmp)
+    return result.to_dict()

@@ -20,7 +20,7 @@ from xmr.export.iospec import ModelSpec, TensorSpec, text_encoder_spec
 from xmr.export.onnx_export import Tower, export_onnx, graphs_manifest
 from xmr.export.parity import BackendParity
 from xmr.export.runners import TorchRunner, runner_for
-from xmr.export.scoring import moment_predictions, run_of
+from xmr.export.scoring import moment_feeds
 from xmr.export.video_export import CUSTOM_OPS
 from xmr.models.checkpoint import TOKENIZER, atomic_dir, load_run
 from xmr.models.data.video import VideoData
@@ -28,6 +28,7 @@ from xmr.models.errors import InputError
 from xmr.models.evaluate.moment_metrics import moment_metrics
 from xmr.models.moments.cdnet import CDNet
 from xmr.models.moments.items import batch_inputs, moment_items
+from xmr.models.moments.postprocess import postprocess
 from xmr.models.tokenizer import TextLimits
 
 
@@ -79,10 +80,12 @@ def export_moment_run(
         # threads=0: ONNX Runtime's default, every core
         runner = runner_for(tmp / "moment_model.onnx", spec, custom_ops, threads=0)
         backends = BackendParity({"moment_model": TorchRunner(module, spec)}, {"moment_model": runner})
-        torch_pred, truth = moment_predictions(run_of(backends.reference), model, tokenizer, spec, test, n)
-        onnx_pred, _ = moment_predictions(
-            lambda g, feeds: backends.run(g, feeds)[1], model, tokenizer, spec, test, n
-        )
+        feeds, truth = moment_feeds(model, tokenizer, spec, test, n)
+        torch_pred, onnx_pred = [], []
+        for named, durations in feeds:
+            want, got = backends.run("moment_model", named)  # PyTorch and the graph, once each
+            torch_pred += postprocess(want["spans"], want["logits"], durations)
+            onnx_pred += postprocess(got["spans"], got["logits"], durations)
         steps.update()
         parity = {
             **backends.stats.stats,

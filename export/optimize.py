@@ -423,9 +423,10 @@ def optimize(artifact: Path, out: Path, cfg: OptimizeConfig) -> dict:
         steps.update()
         test = task.split("test", opt.items)
         optimised = opt.runners(paths)
-        backends = BackendParity(task.torch_runners(), optimised)
+        torch_runners = task.torch_runners()
+        backends = BackendParity(torch_runners, optimised)
         metrics = {
-            "pytorch": task.score(run_of(task.torch_runners()), test),
+            "pytorch": task.score(run_of(torch_runners), test),
             "onnx_fp32": task.score(opt.fp32, test),
             cfg.precision: task.score(lambda g, feeds: backends.run(g, feeds)[1], test),
         }

@@ -132,20 +132,35 @@ def score_video(run: Run, model, tokenizer, specs: dict[str, ModelSpec], split) 
 # ----------------------------------------------------------------------------- video moments
 
 
-def moment_predictions(run: Run, model, tokenizer, spec: ModelSpec, split, n: int | None = None):
-    """(predicted spans per query, ground-truth windows per query) of the first `n` test queries."""
+def moment_feeds(model, tokenizer, spec: ModelSpec, split, n: int | None = None):
+    """The moment graph's inputs for the first `n` queries of `split` and their ground truth:
+    (an iterator of (feeds, clip durations in s), 16 queries a batch, made as they are consumed;
+    ground-truth windows per query)."""
     from xmr.models.moments.items import batch_inputs, moment_items
-    from xmr.models.moments.postprocess import postprocess
 
     items = moment_items(split)
     n = len(items.texts) if n is None else min(n, len(items.texts))
     limits = TextLimits(max_tokens=model.cfg.max_tokens)
+
+    def feeds():
+        for idx in tqdm(list(batches(n, 16)), desc="queries", leave=False, disable=None):
+            inputs = [t for t in batch_inputs(model, split, items, idx, tokenizer, limits) if t is not None]
+            named = {name: t.numpy() for name, t in zip(spec.input_names, inputs, strict=True)}
+            yield named, np.full(len(idx), items.duration)
+
+    return feeds(), [[tuple(w)] for w in items.windows[:n]]
+
+
+def moment_predictions(run: Run, model, tokenizer, spec: ModelSpec, split, n: int | None = None):
+    """(predicted spans per query, ground-truth windows per query) of the first `n` test queries."""
+    from xmr.models.moments.postprocess import postprocess
+
+    feeds, truth = moment_feeds(model, tokenizer, spec, split, n)
     predictions = []
-    for idx in tqdm(list(batches(n, 16)), desc="queries", leave=False, disable=None):
-        inputs = [t for t in batch_inputs(model, split, items, idx, tokenizer, limits) if t is not None]
-        out = run("moment_model", {name: t.numpy() for name, t in zip(spec.input_names, inputs, strict=True)})
-        predictions += postprocess(out["spans"], out["logits"], np.full(len(idx), items.duration))
-    return predictions, [[tuple(w)] for w in items.windows[:n]]
+    for named, durations in feeds:
+        out = run("moment_model", named)
+        predictions += postprocess(out["spans"], out["logits"], durations)
+    return predictions, truth
 
 
 def score_moments(run: Run, model, tokenizer, specs: dict[str, ModelSpec], split, n=None) -> dict[str, float]:

@@ -94,6 +94,7 @@ def measure(artifacts: list[Path], out: Path, threads: int, repeats: int) -> lis
         if manifest["model"] != "rvse":
             raise SystemExit(f"{artifact}: the precision benchmark takes image-text artifacts (rvse)")
         task = ArtifactTask.of(manifest)
+        inputs = {(tower, batch): tower_inputs(task, tower, batch) for tower in TOWERS for batch in BATCHES}
         with tempfile.TemporaryDirectory(prefix="xmr-precision-") as work:
             variants = variants_of(artifact, Path(work))
             fp32_metrics = next(v["report"] for v in variants.values() if v["report"])["metrics"]["onnx_fp32"]
@@ -101,6 +102,8 @@ def measure(artifacts: list[Path], out: Path, threads: int, repeats: int) -> lis
                 report = v["report"]
                 metrics = report["metrics"][report["precision"]] if report else fp32_metrics
                 for tower in TOWERS:
+                    if v["folder"] is not None:
+                        runner = OnnxRunner(v["folder"] / f"{tower}.onnx", task.specs[tower], threads)
                     for batch in BATCHES:
                         row = {
                             "artifact": artifact.name,
@@ -121,8 +124,7 @@ def measure(artifacts: list[Path], out: Path, threads: int, repeats: int) -> lis
                             ),
                         }
                         if v["folder"] is not None:
-                            runner = OnnxRunner(v["folder"] / f"{tower}.onnx", task.specs[tower], threads)
-                            seconds = time_runner(runner, tower_inputs(task, tower, batch), repeats)
+                            seconds = time_runner(runner, inputs[tower, batch], repeats)
                             row["latency_ms"] = 1000 * seconds
                             row["items_per_s"] = batch / seconds
                         rows.append(row)
