@@ -241,6 +241,9 @@ def optimize(
         0.5, min=0.0, help="gate: most R@1 points (R1@0.5 for moments) the test split may lose vs FP32"
     ),
     dev_items: int = typer.Option(500, min=1, help="val items the search for FP32 nodes scores on"),
+    smooth: str = typer.Option(
+        "auto", help="int8 forms: SmoothQuant alpha in [0, 1], auto (least dev error) or off"
+    ),
 ):
     """FP16 / INT8 graphs of an exported artifact; nodes that cost recall stay FP32; exit 1 past the gate."""
     from xmr.export.manifest import read_manifest
@@ -253,6 +256,7 @@ def optimize(
         method=method.value,
         max_recall_drop=max_recall_drop,
         dev_items=dev_items,
+        smooth=smooth,
     )
     try:
         manifest = run_optimize(artifact, out, cfg)
@@ -402,6 +406,9 @@ def _print_optimization(report: dict, model: str) -> None:
             console.print(
                 f"{graph}/{name}: max abs err {p['max_abs_err']:.2e}, min cosine {p['min_cosine']:.6f}"
             )
+    alphas = {g: c["alpha"] for g, c in report.get("smoothing", {}).items() if c["alpha"] is not None}
+    if alphas:
+        console.print(f"SmoothQuant alpha: {alphas}")
     kept = {g: len(nodes) for g, nodes in report["kept_fp32"].items()}
     console.print(f"nodes kept in FP32: {kept} of {report['candidates']} candidates")
     precision = report["precision"]

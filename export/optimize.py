@@ -63,6 +63,7 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # the op types each precision converts (candidates for the search); everything else stays as exported
 INT8_OPS = {"int8": ("MatMul", "Gemm"), "int8-qdq": ("MatMul", "Gemm", "Conv")}
 XMR_OPS = ("DeformSample", "RandomWalkGCN")
+SMOOTH_ALPHAS = (None, 0.5, 0.65, 0.8, 0.9)  # "auto": the one whose converted graph errs least on dev
 CALIBRATION_BATCHES = 32  # at most this many recorded batches per graph calibrate it (bounded memory)
 PLUGIN_ITEMS = 32  # plugin-form graphs run in the (slow) reference evaluator: score this many items
 
@@ -84,6 +85,7 @@ class OptimizeConfig:
     max_recall_drop: float = 0.5  # points of the gate metrics (R@1), against the FP32 graphs
     dev_items: int = 500  # val items (images, videos) the node search scores on
     threads: int = 0  # ONNX Runtime threads (0: one per core)
+    smooth: str = "auto"  # int8 forms: SmoothQuant alpha, "auto" (chosen on dev inputs) or "off"
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -94,6 +96,19 @@ class OptimizeConfig:
             raise InputError(f"--calibration {self.calibration}: expected at least 1 training item")
         if self.max_recall_drop < 0:
             raise InputError(f"--max-recall-drop {self.max_recall_drop}: expected a drop >= 0 points")
+        if self.smooth not in ("auto", "off"):
+            try:
+                alpha = float(self.smooth)
+            except ValueError:
+                alpha = -1.0
+            if not 0.0 <= alpha <= 1.0:
+                raise InputError(f"--smooth {self.smooth!r}: expected auto, off or an alpha in [0, 1]")
+
+    def alphas(self) -> list[float | None]:
+        """The SmoothQuant strengths to try (None: no smoothing); one value means no choice to make."""
+        if self.precision == "fp16" or self.smooth == "off":
+            return [None]
+        return list(SMOOTH_ALPHAS) if self.smooth == "auto" else [float(self.smooth)]
 
 
 @contextlib.contextmanager
@@ -168,6 +183,8 @@ class GraphConverter:
 
     `prepared` is the exported graph after ONNX Runtime's quantization pre-processing (shape inference, no
     ORT-specific fusions, so a Q/DQ graph stays portable to TensorRT), in `work`, a temporary folder.
+    `use_smoothing(alpha)` makes the INT8 forms start from its SmoothQuant rewrite (`xmr.export.smoothquant`,
+    activation ranges from the calibration inputs) instead.
     """
 
     def __init__(self, source: Path, spec: ModelSpec, precision: str, work: Path, calibration: list[Feeds],
@@ -182,7 +199,7 @@ class GraphConverter:
             with quiet_converters():
                 quant_pre_process(source, self.prepared, skip_optimization=True, skip_symbolic_shape=True)
         self.calibration = calibration
-        self.cache = work / f"{spec.name}.calibration.json"  # int8-qdq: ranges computed once, then reused
+        self.base, self.alpha, self.absmax = self.prepared, None, None
         graph = onnx.load(self.prepared).graph
         ops = INT8_OPS.get(precision)
         self.candidates = [
@@ -190,6 +207,29 @@ class GraphConverter:
             for n in graph.node
             if n.domain != "xmr" and (n.op_type in ops if ops else n.op_type not in FP16_KEEP)
         ]
+
+    @property
+    def cache(self) -> Path:  # int8-qdq: the ranges of each base graph, computed once, then reused
+        base = "plain" if self.alpha is None else self.alpha
+        return self.work / f"{self.spec.name}.{base}.calibration.json"
+
+    def use_smoothing(self, alpha: float | None) -> None:
+        """Start every later conversion from the SmoothQuant rewrite of strength `alpha` (None: none)."""
+        from xmr.export.smoothquant import activation_absmax, smooth, smoothable
+
+        self.alpha, self.base = alpha, self.prepared
+        if alpha is None:
+            return
+        model = onnx.load(self.prepared)
+        if self.absmax is None:
+            if not self.calibration:
+                raise InputError(f"no calibration inputs were recorded for {self.spec.name}")
+            names = [g.activation for g in smoothable(model)]
+            batches = pad_to_common_shape(self.calibration, self.spec)
+            self.absmax = activation_absmax(self.prepared, names, batches)
+        self.base = self.work / f"{self.spec.name}.smooth{alpha}.onnx"
+        if not self.base.is_file():
+            onnx.save(smooth(model, self.absmax, alpha), self.base)
 
     def convert(self, path: Path, keep: set[str] = frozenset(), only: set[str] | None = None) -> Path:
         """Write the converted graph to `path`: every candidate except `keep`, or only the nodes `only`."""
@@ -218,7 +258,7 @@ class GraphConverter:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(
-            self.prepared,
+            self.base,
             path,
             op_types_to_quantize=list(INT8_OPS["int8"]),
             per_channel=True,
@@ -231,7 +271,7 @@ class GraphConverter:
 
         self._calibrate()
         quantize_static(
-            self.prepared,
+            self.base,
             path,
             None,  # the ranges come from the calibration cache
             quant_format=QuantFormat.QDQ,
@@ -266,7 +306,7 @@ class GraphConverter:
             raise InputError(f"no calibration inputs were recorded for {self.spec.name}")
         with tempfile.TemporaryDirectory(dir=self.work) as tmp:
             calibrator = create_calibrator(
-                self.prepared,
+                self.base,
                 list(INT8_OPS["int8-qdq"]),
                 augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                 calibrate_method=self._method(),
@@ -322,7 +362,7 @@ class Optimizer:
         self.items = PLUGIN_ITEMS if self.form == "plugin" else None
         self.fp32 = run_of(self.runners({g: artifact / f"{g}.onnx" for g in task.specs}))
         calibration = {}
-        if cfg.precision == "int8-qdq":
+        if cfg.precision == "int8-qdq" or cfg.alphas() != [None]:
             recorder = Recorder(self.fp32, limit=CALIBRATION_BATCHES)
             task.score(recorder, task.split("train", cfg.calibration))
             calibration = recorder.feeds
@@ -338,6 +378,25 @@ class Optimizer:
         self.dev_feeds = {g: feeds[0] for g, feeds in recorder.feeds.items()}
         self.dev_outputs = {g: self.fp32(g, feeds) for g, feeds in self.dev_feeds.items()}
         self.steps: list[dict] = []
+        self.smoothing = {g: self.choose_smoothing(g) for g in self.converters}
+
+    def choose_smoothing(self, graph: str) -> dict:
+        """Set `graph`'s SmoothQuant strength: of `cfg.alphas()`, the one whose fully converted graph has the
+        smallest output error on the dev inputs. Returns the choice and every tried alpha's error."""
+        converter, alphas = self.converters[graph], self.cfg.alphas()
+        if len(alphas) == 1:
+            converter.use_smoothing(alphas[0])
+            return {"alpha": alphas[0]}
+        folder = self.work / "smooth"
+        folder.mkdir(exist_ok=True)
+        errors = {}
+        for alpha in tqdm(alphas, desc=f"smoothing {graph}", leave=False, disable=None):
+            converter.use_smoothing(alpha)
+            runner = self.runners({graph: converter.convert(folder / f"{graph}.onnx")})[graph]
+            errors[alpha] = output_error(self.dev_outputs[graph], runner.run(self.dev_feeds[graph]))
+        best = min(errors, key=errors.get)
+        converter.use_smoothing(best)
+        return {"alpha": best, "dev_error": {str(a): e for a, e in errors.items()}}
 
     def runners(self, paths: dict[str, Path]):
         return {g: runner_for(p, self.task.specs[g], self.form, self.cfg.threads) for g, p in paths.items()}
@@ -436,6 +495,7 @@ def optimize(artifact: Path, out: Path, cfg: OptimizeConfig) -> dict:
             "precision": cfg.precision,
             "settings": asdict(cfg),
             "converter": CONVERTERS[cfg.precision],
+            "smoothing": opt.smoothing,
             "source": str(artifact),
             "kept_fp32": {g: sorted(n for gg, n in keep if gg == g) for g in task.specs},
             "candidates": {g: len(c.candidates) for g, c in opt.converters.items()},

@@ -110,6 +110,12 @@ def test_the_manifest_records_the_search(optimised):
         "dev_gate_drop": report["search"][0]["dev_gate_drop"],
     }
     assert report["candidates"]["text_encoder"] > 0
+    # SmoothQuant's alpha was chosen per graph by measurement: the least dev error of the tried values
+    for choice in report["smoothing"].values():
+        errors = choice["dev_error"]
+        assert set(errors) == {"None", "0.5", "0.65", "0.8", "0.9"}
+        assert errors[str(choice["alpha"])] == min(errors.values())
+    assert manifests["fp16"]["optimization"]["smoothing"]["text_encoder"] == {"alpha": None}
     assert json.dumps(report)  # plain JSON
 
 
@@ -147,6 +153,8 @@ def test_bad_settings_name_the_option():
         (OptimizeConfig("int4"), "--precision"),
         (OptimizeConfig("int8-qdq", method="mse"), "--method"),
         (OptimizeConfig("int8", calibration=0), "--calibration"),
+        (OptimizeConfig("int8", smooth="1.5"), "--smooth"),
+        (OptimizeConfig("int8", smooth="strong"), "--smooth"),
     ):
         with pytest.raises(InputError, match=option):
             cfg.check()
