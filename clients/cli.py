@@ -304,7 +304,10 @@ def serve(
         None, help="serve Prometheus metrics on this port (off if unset)"
     ),
 ):
-    """Run the real tritonserver (from nvidia-pytriton) on REPOSITORY until Ctrl-C / SIGTERM."""
+    """Run the real tritonserver (from nvidia-pytriton) on REPOSITORY until Ctrl-C / SIGTERM.
+
+    Exits 1 when the server exits by itself or a python model's stub process dies (the server is stopped
+    then: Triton would keep reporting that model ready while failing its every request)."""
     from xmr.clients.server import TritonServer
 
     server = TritonServer(
@@ -318,8 +321,8 @@ def serve(
         + f"  (log: {server.log_path})"
     )
     try:
-        code = server.wait()
-        console.print(f"tritonserver exited with code {code}:\n{server.log_tail()}")
+        reason = server.watch()  # returns when the server exits or a python model's stub dies
+        Console(stderr=True, soft_wrap=True).print(f"[red]{reason}[/red]\n{server.log_tail()}")
         raise typer.Exit(1)
     except KeyboardInterrupt:
         console.print("stopping tritonserver")

@@ -6,19 +6,36 @@ Python version; the stub must sit in the `backends/python/` folder that is passe
 `--backend-directory`, so we lay out a small backend folder of symlinks in a temporary directory.
 
 The python-backend models import `xmr` and onnxruntime/faiss from this interpreter's environment, which
-the stub only sees when this environment's `bin/` comes first on PATH.
+the stub only sees when this environment's `bin/` comes first on PATH. The stub links `libpython3.X.so`
+dynamically; the loader would take the system's copy (another patch release than this interpreter's
+standard library, which breaks `threading` in subtle ways), so this interpreter's own `LIBDIR` comes first
+on LD_LIBRARY_PATH.
+
+Process hygiene, the server's life tied to ours:
+- tritonserver gets SIGTERM (a graceful stop that also stops its stubs) when the process that started it
+  dies, however it dies (Linux's parent-death signal);
+- its stubs share its process group; `stop()` and `watch()` kill what is left of the group, so a SIGKILLed
+  server leaves no orphan stub;
+- the python backend's shared-memory regions carry a prefix naming the owner's pid and the server's port
+  (`xmr_triton_<pid>_<port>_`); `stop()` removes its server's regions, `start()` those of owners that
+  are dead (earlier runs that were killed), never anyone else's.
+- `dead_stubs()` names the python models whose stub process died: Triton keeps such a model "ready" and
+  fails every request to it, so `xmr serve` (`watch`) stops the server and exits non-zero instead of
+  serving an outage behind green health checks.
 
 Every endpoint binds to 127.0.0.1 unless another address is asked for explicitly.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -28,6 +45,10 @@ from pathlib import Path
 from xmr.models.errors import InputError
 
 LOOPBACK = "127.0.0.1"
+SHM_PREFIX = "xmr_triton_"  # + owner pid + "_": the python backend's shared-memory regions of our servers
+SHM_DIR = Path("/dev/shm")
+PR_SET_PDEATHSIG = 1
+STUB = "triton_python_backend_stub"
 
 
 class ServerError(RuntimeError):
@@ -64,6 +85,41 @@ def server_libs() -> Path:
     return _pytriton_root().parent / "nvidia_pytriton.libs"
 
 
+def interpreter_libdir() -> str | None:
+    """The folder holding this interpreter's own libpython (None for a static build)."""
+    libdir, name = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
+    return libdir if libdir and name and (Path(libdir) / name).exists() else None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux prctl; elsewhere nothing)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_shm(shm_dir: Path = SHM_DIR) -> list[str]:
+    """Remove the shared-memory regions of our servers whose owner process is dead; returns their names."""
+    removed = []
+    for path in shm_dir.glob(f"{SHM_PREFIX}*"):
+        owner = path.name[len(SHM_PREFIX) :].split("_", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
 def make_backend_dir(dest: Path) -> Path:
     """Lay out `dest/python/` with the python backend and the stub for this interpreter's version."""
     root = _pytriton_root() / "tritonserver"
@@ -97,6 +153,12 @@ class TritonServer:
     verbose: bool = False
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _workdir: Path | None = field(default=None, init=False, repr=False)
+    _stubs: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # pid -> model, once seen
+
+    @property
+    def shm_prefix(self) -> str:
+        """This server's shared-memory region prefix: our pid (the owner) and the server's own gRPC port."""
+        return f"{SHM_PREFIX}{os.getpid()}_{self.grpc_port}_"
 
     @property
     def grpc_url(self) -> str:
@@ -120,6 +182,7 @@ class TritonServer:
             "--strict-readiness=true",
             "--exit-on-error=true",
             f"--log-verbose={1 if self.verbose else 0}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         if self.metrics_port is None:
             cmd.append("--allow-metrics=false")
@@ -130,8 +193,8 @@ class TritonServer:
     def env(self) -> dict[str, str]:
         env = os.environ.copy()
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        libs = str(server_libs())
-        env["LD_LIBRARY_PATH"] = f"{env['LD_LIBRARY_PATH']}:{libs}" if env.get("LD_LIBRARY_PATH") else libs
+        paths = [interpreter_libdir(), env.get("LD_LIBRARY_PATH"), str(server_libs())]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in paths if p)
         env.setdefault("OMP_NUM_THREADS", "1")  # ONNX Runtime/torch inside python models: no oversubscription
         return env
 
@@ -139,6 +202,7 @@ class TritonServer:
         repo = Path(self.repository)
         if not repo.is_dir():
             raise InputError(f"model repository {repo} does not exist; build one with `xmr repo`")
+        remove_stale_shm()
         self.grpc_port = self.grpc_port or free_port(self.host)
         self.http_port = self.http_port or free_port(self.host)
         self._workdir = Path(tempfile.mkdtemp(prefix="xmr-triton-"))
@@ -151,6 +215,7 @@ class TritonServer:
             stderr=subprocess.STDOUT,
             env=self.env(),
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         try:
@@ -164,6 +229,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
+            self.stubs()  # each stub's model is read while it lives: a stub dead on arrival has no name
             if self._proc is not None and self._proc.poll() is not None:
                 raise ServerError(
                     f"tritonserver exited with code {self._proc.returncode}:\n{self.log_errors()}"
@@ -171,6 +237,7 @@ class TritonServer:
             try:
                 with urllib.request.urlopen(url, timeout=1) as r:
                     if r.status == 200:
+                        self._forget_reaped_stubs()
                         return
             except OSError:
                 pass
@@ -198,9 +265,85 @@ class TritonServer:
         return self._proc is not None and self._proc.poll() is None
 
     def wait(self) -> int:
-        """Block until the server exits (for `xmr serve`); returns its exit code."""
+        """Block until the server exits; returns its exit code."""
         assert self._proc is not None
         return self._proc.wait()
+
+    def stubs(self) -> dict[int, str]:
+        """{pid: model} of the server's python-backend stub processes (dead ones included, while unreaped)."""
+        import psutil
+
+        if self._proc is None:
+            return {}
+        out = {}
+        try:
+            children = psutil.Process(self._proc.pid).children()
+        except psutil.NoSuchProcess:
+            return {}
+        for child in children:
+            try:
+                name = child.name()  # a zombie still has its name (truncated to 15 characters)
+                cmd = child.cmdline()
+            except psutil.ZombieProcess:
+                cmd = []
+            except psutil.NoSuchProcess:
+                continue
+            stub = cmd[0].endswith(STUB) if cmd else name.startswith(STUB[:15])
+            if child.pid in self._stubs or stub:
+                self._stubs.setdefault(child.pid, Path(cmd[1]).parent.parent.name if len(cmd) > 1 else "?")
+                out[child.pid] = self._stubs[child.pid]
+        return out
+
+    def _forget_reaped_stubs(self) -> None:
+        """At readiness: drop the stubs Triton started and reaped while loading (it runs one per model to
+        complete the config, then the model's own); a killed serving stub stays as an unreaped zombie."""
+        import psutil
+
+        self._stubs = {pid: m for pid, m in self._stubs.items() if psutil.pid_exists(pid)}
+        self.stubs()
+
+    def dead_stubs(self) -> list[str]:
+        """The models whose stub process has died since the server became ready (Triton still calls them
+        ready, and fails each of their requests)."""
+        import psutil
+
+        alive = {}
+        for pid in self.stubs():
+            try:
+                alive[pid] = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive[pid] = False
+        return sorted({self._stubs[pid] for pid in self._stubs if not alive.get(pid, False)})
+
+    def watch(self, interval_s: float = 0.5) -> str:
+        """Block while the server serves; return why it stopped serving: its exit, or a dead stub (then the
+        server is stopped, so the health endpoints go red with it)."""
+        assert self._proc is not None
+        self.stubs()  # the stubs started with the server
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                self._kill_group()
+                return f"tritonserver exited with code {code}"
+            dead = self.dead_stubs()
+            if dead:
+                try:  # a dying server orphans its stubs: then the server's exit is the reason
+                    code = self._proc.wait(1.0)
+                    self._kill_group()
+                    return f"tritonserver exited with code {code}"
+                except subprocess.TimeoutExpired:
+                    pass
+                self.stop()
+                return f"the python-backend stub of {', '.join(dead)} died; the server was stopped"
+            time.sleep(interval_s)
+
+    def _kill_group(self) -> None:
+        """SIGKILL whatever is left of the server's process group (stubs orphaned by a killed server)."""
+        if self._proc is not None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGINT (Triton's graceful shutdown), then SIGKILL to the whole process group if it hangs."""
@@ -209,9 +352,14 @@ class TritonServer:
             try:
                 self._proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
+                pass
+        self._kill_group()  # a hung server, or stubs outliving it
+        if self._proc is not None:
+            self._proc.wait()
         self._proc = None
+        self._stubs.clear()
+        for region in SHM_DIR.glob(f"{self.shm_prefix}*"):  # left by a killed server or stub
+            region.unlink(missing_ok=True)
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
