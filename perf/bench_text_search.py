@@ -11,7 +11,14 @@ Two backends answer the same real test-split captions with the same top-k, side 
 - `in-process`: the same functions the served models call (`encode_batch`, `OnnxRunner`,
   `GalleryIndex.search`) with the same settings (one ONNX Runtime thread, one FAISS thread), called
   directly from N Python threads that share one pipeline, for as many requests as perf_analyzer counted
-  at the same point (at least `--min-requests`).
+  at the same point (at least `--min-requests`), right after that served point (the server idle), so the
+  two sides of each ratio are measured seconds apart on a machine whose load drifts.
+
+Around every perf_analyzer point the server's own statistics (Triton's statistics extension, read with
+`xmr.clients.stats`) are diffed: the time per request in each hop (queue, compute input / infer / output,
+the ensemble's total, the scheduler between steps) is printed and written to OUT/text_search_hops.csv.
+`--model` measures another served model with text_search's I/O (e.g. the fused one-hop
+`xmr.export.fused`), `--shared-memory system` / `--streaming` other perf_analyzer transports.
 
 A request carries `batch` captions; throughput is queries (captions) per second, i.e. requests/sec x batch
 (perf_analyzer's "Inferences/Second" already counts batch elements); latency is per request, in ms.
@@ -20,8 +27,8 @@ compared, so the figure compares two paths that answer alike.
 
     python -m xmr.perf.bench_text_search artifacts/probe10 --out perf/results
 
-writes OUT/text_search.csv, OUT/text_search.png, OUT/environment.json and prints the table and the
-served / in-process throughput ratio at each batch size and concurrency.
+writes OUT/text_search.csv, OUT/text_search_hops.csv, OUT/text_search.png, OUT/environment.json and
+prints the table and the served / in-process throughput ratio at each batch size and concurrency.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from xmr.clients.server import TritonServer, server_libs
+from xmr.clients.stats import StatsProbe, breakdown_csv, breakdown_table
 from xmr.clients.triton_client import XmrClient
 from xmr.export.iospec import ModelSpec
 from xmr.export.manifest import read_manifest
@@ -80,6 +88,11 @@ class Settings:
     captions: int  # distinct test-split captions, cycled through
     top_k: int
     threads: int = 1  # ONNX Runtime intra-op threads in-process, as the served text_encoder's "threads"
+    model: str = (
+        MODEL  # the served model perf_analyzer loads (the ensemble, or a drop-in such as the fused one)
+    )
+    shared_memory: str = "none"  # perf_analyzer --shared-memory: none | system (inputs/outputs via /dev/shm)
+    streaming: bool = False  # perf_analyzer --streaming (gRPC bidirectional stream)
 
 
 @dataclass
@@ -145,7 +158,7 @@ def perf_analyzer_command(
 ) -> list[str]:
     return [
         str(perf_analyzer_binary()),
-        *("-m", MODEL, "-i", "grpc", "-u", url, "-b", str(batch)),  # short options take no "="
+        *("-m", settings.model, "-i", "grpc", "-u", url, "-b", str(batch)),  # short options take no "="
         f"--input-data={input_json}",
         f"--concurrency-range={concurrency}",
         "--measurement-mode=time_windows",
@@ -153,6 +166,10 @@ def perf_analyzer_command(
         f"--stability-percentage={settings.stability}",
         f"--max-trials={settings.max_trials}",
         *("-f", str(csv_path)),
+        *([f"--shared-memory={settings.shared_memory}"] if settings.shared_memory != "none" else []),
+        # variable-shape outputs (ids, scores: k per row) need a region size; 64 KiB holds k=1000 at batch 8
+        *(["--output-shared-memory-size=65536"] if settings.shared_memory != "none" else []),
+        *(["--streaming"] if settings.streaming else []),
     ]
 
 
@@ -272,6 +289,16 @@ def run_in_process(
 # ----------------------------------------------------------------------------- warm-up and agreement
 
 
+def served_ids(client: XmrClient, model: str, texts: list[str], k: int) -> np.ndarray:
+    """Top-k ids (B, k) from the served `model` (text_search's I/O: text, top_k -> ids, ...)."""
+    text = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
+    top_k = np.full((len(texts), 1), k, dtype=np.int32)
+    # every output: asking a 2.51 ensemble for a subset fails ("unexpected deadlock, at least one output
+    # is not set")
+    outputs = ["ids", "scores", "text_embedding"]
+    return client.raw_infer(model, {"text": (text, "BYTES"), "top_k": (top_k, "INT32")}, outputs)["ids"]
+
+
 def warm_up_and_compare(
     client: XmrClient, pipeline: InProcessPipeline, captions: list[str], settings: Settings
 ) -> dict[str, str]:
@@ -282,7 +309,7 @@ def warm_up_and_compare(
         requests = request_batches(captions, batch)[: math.ceil(len(captions) / batch)]
         same = 0
         for texts in requests:
-            served = client.text_search(texts, settings.top_k).ids  # (B, k)
+            served = served_ids(client, settings.model, texts, settings.top_k)  # (B, k)
             local, _ = pipeline.search(texts, settings.top_k)
             same += int((served == local).all(axis=1).sum())
         agreement[f"batch {batch}"] = f"{same}/{len(requests) * batch}"
@@ -380,7 +407,7 @@ def environment(settings: Settings, artifacts: Path, triton_version: str, agreem
         "settings": {
             **asdict(settings),
             "artifacts": str(artifacts),
-            "model": MODEL,
+            "model": settings.model,
             "protocol": "grpc",
             "perf_analyzer mode": "concurrency, synchronous, time windows until 3 agree",
             "in-process": "threads sharing one pipeline; faiss omp threads 1",
@@ -417,34 +444,51 @@ def ratio_table(ratios: dict[tuple[int, int], float]) -> Table:
 
 
 def measure_served(
-    server: TritonServer, input_json: Path, settings: Settings, env: dict[str, str]
-) -> tuple[list[Point], list[str]]:
-    """perf_analyzer at every (batch, concurrency); a point without a stable measurement is skipped."""
-    points, failures = [], []
-    grid = list(itertools.product(settings.batch_sizes, settings.concurrencies))
-    for batch, concurrency in (bar := tqdm(grid, desc="served (perf_analyzer)", unit="point", disable=None)):
-        bar.set_postfix(batch=batch, concurrency=concurrency)
-        try:
-            points.append(run_perf_analyzer(server.grpc_url, input_json, batch, concurrency, settings, env))
-        except PerfAnalyzerError as e:
-            failures.append(str(e))
-            tqdm.write(f"skipped: {e}")
-    return points, failures
+    server: TritonServer,
+    input_json: Path,
+    settings: Settings,
+    env: dict[str, str],
+    console: Console,
+    in_process: Callable[[int, int, int], Point] | None = None,
+) -> tuple[list[Point], list[str], list[dict]]:
+    """perf_analyzer at every (batch, concurrency); a point without a stable measurement is skipped.
 
+    `in_process(batch, concurrency, requests)`, when given, runs right after each served point (the server
+    idle), so the two sides of a ratio are measured seconds apart: on a shared machine whose load drifts,
+    measuring all served points first and all in-process points after biased the ratios by the drift.
+    Its points are returned with the served ones.
 
-def measure_in_process(
-    pipeline: InProcessPipeline, captions: list[str], settings: Settings, served: list[Point]
-) -> list[Point]:
-    """Every (batch, concurrency), for as many requests as perf_analyzer measured there."""
-    served_requests = {(p.batch, p.concurrency): p.requests for p in served}
-    points = []
+    Around each point the server's statistics are read and diffed (`xmr.clients.stats`): the per-hop
+    breakdown of that point (all of perf_analyzer's windows, warm-up included) is printed and returned as
+    rows labelled with batch and concurrency."""
+    points, failures, hops = [], [], []
     grid = list(itertools.product(settings.batch_sizes, settings.concurrencies))
-    for batch, concurrency in (bar := tqdm(grid, desc="in-process", unit="point", disable=None)):
-        bar.set_postfix(batch=batch, concurrency=concurrency)
-        requests = max(settings.min_requests, served_requests.get((batch, concurrency), 0))
-        batches = request_batches(captions, batch)
-        points.append(run_in_process(pipeline, batches, settings.top_k, concurrency, requests))
-    return points
+    probe = StatsProbe(server.grpc_url, settings.model)
+    try:
+        for batch, concurrency in (
+            bar := tqdm(grid, desc="served (perf_analyzer)", unit="point", disable=None)
+        ):
+            bar.set_postfix(batch=batch, concurrency=concurrency)
+            probe.start()
+            try:
+                point = run_perf_analyzer(server.grpc_url, input_json, batch, concurrency, settings, env)
+            except PerfAnalyzerError as e:
+                failures.append(str(e))
+                tqdm.write(f"skipped: {e}")
+                continue
+            breakdown = probe.stop()
+            points.append(point)
+            if in_process is not None:
+                points.append(in_process(batch, concurrency, point.requests))
+            hops += breakdown.rows(batch=batch, concurrency=concurrency)
+            title = (
+                f"{settings.model}, batch {batch}, concurrency {concurrency}: "
+                f"{point.throughput_qps:,.0f} captions/s; server time per request by hop (us)"
+            )
+            console.print(breakdown_table(breakdown, title))
+    finally:
+        probe.close()
+    return points, failures, hops
 
 
 def measure(
@@ -466,10 +510,16 @@ def measure(
             finally:
                 client.close()
             console.print(f"warm-up: identical top-{settings.top_k} ids, served vs in-process: {agreement}")
-            served, failures = measure_served(server, input_json, settings, env)
-    points = served + measure_in_process(pipeline, captions, settings, served)
+
+            def in_process(batch: int, concurrency: int, requests: int) -> Point:
+                batches = request_batches(captions, batch)
+                requests = max(settings.min_requests, requests)
+                return run_in_process(pipeline, batches, settings.top_k, concurrency, requests)
+
+            points, failures, hops = measure_served(server, input_json, settings, env, console, in_process)
     report = environment(settings, artifacts, triton_version, agreement)
     report["perf_analyzer_failures"] = failures
+    report["hops"] = hops
     return points, report
 
 
@@ -489,6 +539,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-requests", type=int, default=200, help="in-process requests per point, min")
     parser.add_argument("--captions", type=int, default=48, help="distinct test-split captions to cycle")
     parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--model", default=MODEL, help="served model (text_search's I/O) perf_analyzer loads")
+    parser.add_argument(
+        "--shared-memory", choices=("none", "system"), default="none", help="perf_analyzer's tensor transport"
+    )
+    parser.add_argument("--streaming", action="store_true", help="perf_analyzer over a gRPC stream")
     return parser.parse_args(argv)
 
 
@@ -504,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         args.min_requests,
         args.captions,
         args.top_k,
+        model=args.model,
+        shared_memory=args.shared_memory,
+        streaming=args.streaming,
     )
     if min([*settings.batch_sizes, *settings.concurrencies, settings.window_ms, settings.max_trials]) < 1:
         console.print("error: batch sizes, concurrencies, --window-ms and --max-trials must be >= 1")
@@ -530,11 +588,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "text_search.csv", lambda p: p.write_text(points_csv(points)))
     write_atomic(args.out / "text_search.png", lambda p: plot(points, p))
+    hops = env.pop("hops")
+    write_atomic(args.out / "text_search_hops.csv", lambda p: p.write_text(breakdown_csv(hops)))
     write_atomic(args.out / "environment.json", lambda p: p.write_text(json.dumps(env, indent=2) + "\n"))
     console.print(results_table(points))
     console.print(ratio_table(throughput_ratios(points)))
     console.print(f"{env['machine']['cpu']}, {env['machine']['cores']} cores; wall {env['wall_s']} s")
-    console.print(f"wrote {args.out}/text_search.csv, text_search.png, environment.json")
+    console.print(
+        f"wrote {args.out}/text_search.csv, text_search_hops.csv, text_search.png, environment.json"
+    )
     return 0
 
 

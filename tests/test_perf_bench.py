@@ -102,3 +102,14 @@ def test_throughput_ratios_and_csv():
     lines = points_csv(points).splitlines()
     assert lines[0] == "backend,batch,concurrency,throughput_qps,p50_ms,p90_ms,p99_ms,requests"
     assert lines[1] == "served,1,4,300.0,10.0,12.0,20.0,100"
+
+
+def test_perf_analyzer_command_model_and_transports():
+    settings = Settings([1], [1], 1000, 25, 10, 200, 48, 10, model="text_search_fused")
+    cmd = perf_analyzer_command("127.0.0.1:1", Path("in.json"), 1, 1, settings, Path("out.csv"))
+    assert cmd[cmd.index("-m") + 1] == "text_search_fused"
+    assert not any(a.startswith(("--shared-memory", "--streaming")) for a in cmd)  # defaults: plain gRPC
+    settings = Settings([1], [1], 1000, 25, 10, 200, 48, 10, shared_memory="system", streaming=True)
+    cmd = perf_analyzer_command("127.0.0.1:1", Path("in.json"), 1, 1, settings, Path("out.csv"))
+    assert "--shared-memory=system" in cmd and "--streaming" in cmd
+    assert any(a.startswith("--output-shared-memory-size=") for a in cmd)  # ids/scores have a variable k
