@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench lint format configs clean
+.PHONY: install demo test bench soak lint format configs clean
 
 # torch==2.13.0 (CPU build) is pinned in pyproject.toml; a looser pin would pull the CUDA wheels.
 $(STAMP): pyproject.toml
@@ -23,6 +23,10 @@ test: $(STAMP)  ## unit tests + the real-server integration tests
 
 bench: $(STAMP)  ## perf_analyzer against the served text_search vs the in-process pipeline (needs `make demo` first)
 	$(BIN)/python -m xmr.perf.bench_text_search artifacts/demo --out perf/results
+
+soak: $(STAMP)  ## 10-minute Locust soak of the served ensembles over gRPC (needs `make demo` first; not in `make test`)
+	@test -f build/repository/manifest.json || { echo "no build/repository: run make demo first"; exit 1; }
+	$(BIN)/xmr load build/repository --users 16 --spawn-rate 4 --soak --out perf/results/soak
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

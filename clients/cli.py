@@ -331,6 +331,45 @@ def serve(
 
 
 @app.command()
+def load(
+    repository: Path = typer.Argument(Path("build/repository")),
+    users: int = typer.Option(8, min=1, help="Locust users (each keeps one gRPC request in flight)"),
+    spawn_rate: float = typer.Option(2.0, min=0.01, help="users started per second"),
+    run_time: str | None = typer.Option(None, help="60, 90s, 10m, 1h30m (default 60 s; 10 min with --soak)"),
+    weight: list[str] | None = typer.Option(
+        None, help="ENSEMBLE=W task weight, repeatable (default 1 for every served ensemble; 0 skips it)"
+    ),
+    soak: bool = typer.Option(False, help="a soak test: 10 minutes unless --run-time says otherwise"),
+    out: Path | None = typer.Option(None, help="report folder (default perf/results/load, .../soak)"),
+    captions: Path | None = typer.Option(None, help="text file of captions, one a line (default: Shapes)"),
+):
+    """Serve REPOSITORY, load its ensembles with Locust over gRPC; reports, PNG; exit 1 on any failure."""
+    from xmr.clients.load import LoadConfig, parse_run_time, parse_weights, run_load
+
+    cfg = LoadConfig(
+        repository,
+        out or Path("perf/results") / ("soak" if soak else "load"),
+        users=users,
+        spawn_rate=spawn_rate,
+        run_time_s=parse_run_time(run_time, soak),
+        weights=parse_weights(weight),
+        soak=soak,
+        captions=captions,
+    )
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops Locust and the server as cleanly as Ctrl-C
+    try:
+        summary = run_load(cfg, console)
+    except KeyboardInterrupt:
+        console.print("interrupted; partial reports in " + str(cfg.out))
+        raise typer.Exit(130) from None
+    console.print(f"wrote {cfg.out} (summary.json, load.png, locust_report.html, locust_*.csv)")
+    if not summary["ok"]:
+        total = summary["total"]
+        console.print(f"[red]{total['failures']} of {total['requests']} requests failed[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
 def search(
     text: str,
     k: int = typer.Option(5, "-k", help="how many results"),
