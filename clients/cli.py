@@ -1,4 +1,4 @@
-"""The `xmr` command line: train, eval, export, optimize, engine, repo, serve, search, check, demo.
+"""The `xmr` command line: train, eval, export, optimize, engine, repo, serve, search, moments, check, demo.
 
 Bad input (a missing run, an empty query, an unknown option value) ends with `error: ...` naming the
 problem and exit code 2; a server-side error with its message and exit code 1; never a traceback.
@@ -11,7 +11,6 @@ import sys
 from enum import Enum
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.console import Console
 
@@ -283,15 +282,18 @@ def engine(
 
 @app.command()
 def repo(
-    artifacts: Path,
+    artifacts: list[Path] = typer.Argument(..., help="artifact folders, at most one per family"),
     target: Target = typer.Option(Target.cpu),
     out: Path = typer.Option(Path("build/repository"), help="repository folder to write"),
 ):
-    """Assemble a servable Triton model repository from exported artifacts."""
-    from xmr.export.repository import build_repository
+    """Assemble ONE servable Triton model repository from exported artifacts (any mix of image-text,
+    text-video and moment artifacts)."""
+    from xmr.export.repository import build_repository, read_serving
 
     build_repository(artifacts, out, target.value)
-    console.print(f"wrote {out} ({target.value} target)")
+    served = read_serving(out)["families"]
+    ensembles = sorted(n for n in served if n.endswith(("_search", "_embed")))
+    console.print(f"wrote {out} ({target.value} target): {', '.join(ensembles)}")
 
 
 @app.command()
@@ -375,51 +377,60 @@ def search(
     k: int = typer.Option(5, "-k", help="how many results"),
     protocol: Protocol = typer.Option(Protocol.grpc),
     url: str | None = typer.Option(None, help="server address (default 127.0.0.1:8001 grpc / :8000 http)"),
+    videos: bool = typer.Option(False, "--videos", help="search the video gallery (text_video_search)"),
 ):
-    """Query the served text_search ensemble and print the top-k gallery ids with scores."""
+    """Query the served text_search (or text_video_search) ensemble; print the top-k ids with scores."""
     client = XmrClient(url, protocol.value)
-    result = client.text_search([text], k)
+    result = client.text_video_search([text], k) if videos else client.text_search([text], k)
+    item = "video id" if videos else "gallery id"
     console.print(f"query: {text!r}")
     for rank, (i, s) in enumerate(zip(result.ids[0], result.scores[0], strict=True), 1):
-        console.print(f"  {rank:2d}. gallery id {int(i):6d}  score {float(s):.4f}")
+        console.print(f"  {rank:2d}. {item} {int(i):6d}  score {float(s):.4f}")
+
+
+@app.command()
+def moments(
+    query: str,
+    video: int = typer.Option(..., "--video", help="video id (a row of the served clip store)"),
+    k: int = typer.Option(5, "-k", help="how many moments"),
+    protocol: Protocol = typer.Option(Protocol.grpc),
+    url: str | None = typer.Option(None, help="server address (default 127.0.0.1:8001 grpc / :8000 http)"),
+):
+    """Query the served moment_search ensemble: the top-k [start, end] spans (seconds) of one video."""
+    (windows,) = XmrClient(url, protocol.value).moment_search([query], [video], k)
+    console.print(f"query: {query!r}  video {video}")
+    for rank, (start, end, score) in enumerate(windows, 1):
+        console.print(f"  {rank:2d}. {start:7.2f} s - {end:7.2f} s  score {score:.4f}")
 
 
 @app.command()
 def check(
-    artifacts: Path = typer.Argument(Path("artifacts/rvse")),
+    artifacts: list[Path] = typer.Argument(
+        None, help="artifact folders, or a repository folder (every family it serves); default artifacts/rvse"
+    ),
     protocol: Protocol = typer.Option(Protocol.grpc),
     url: str | None = typer.Option(None),
-    n: int = typer.Option(32, help="how many fixed test captions and images to send"),
-    tol: float = typer.Option(1e-4, help="max abs error allowed on embeddings and scores"),
+    n: int = typer.Option(32, help="how many fixed test queries (captions, images, videos) to send"),
+    tol: float = typer.Option(1e-4, help="max abs error allowed on embeddings and scores (moments: 1e-3 s)"),
 ):
-    """Send fixed test inputs; compare served embeddings and rankings with PyTorch; exit 1 on mismatch."""
-    from xmr.clients.served import check_against_reference
-    from xmr.export.manifest import read_manifest
-    from xmr.models.checkpoint import load_run
-    from xmr.models.data import load_split
-    from xmr.models.evaluate.image_text import embed_images, embed_texts
+    """Send fixed test inputs to every family's ensembles; compare with PyTorch; exit 1 on mismatch."""
+    from xmr.clients.served import check_artifact
+    from xmr.export.repository import SERVING, read_serving
 
-    manifest = read_manifest(artifacts)
-    model, tokenizer, config = load_run(Path(manifest["run"]))
-    tc = config["train_config"]
-    data = load_split(tc["data"], "test", root=tc.get("data_root"))
-    texts, images = data.flat_captions()[:n], data.images[:n]
-    gallery = np.load(artifacts / "gallery.npy")
-    report = check_against_reference(
-        XmrClient(url, protocol.value),
-        texts,
-        images,
-        embed_texts(model, tokenizer, texts),
-        embed_images(model, images),
-        gallery,
-        tol=tol,
-    )
-    console.print(
-        f"text embeddings: max abs err {report.max_abs_err_text:.2e}; image embeddings: "
-        f"{report.max_abs_err_image:.2e}; rankings equal (up to ties): "
-        f"{report.rows_agreeing}/{report.rows}; tolerance {tol:g}"
-    )
-    if not report.ok:
+    folders = []
+    for folder in artifacts or [Path("artifacts/rvse")]:
+        if (folder / SERVING).is_file():  # a repository: the artifact of every family it serves
+            folders += [Path(a["folder"]) for a in read_serving(folder)["artifacts"].values()]
+        else:
+            folders.append(folder)
+    client = XmrClient(url, protocol.value)
+    ok = True
+    for folder in folders:
+        result = check_artifact(client, folder, n, tol)
+        for line in result.lines:
+            console.print(f"{result.family} ({folder}): {line}", highlight=False)
+        ok &= result.ok
+    if not ok:
         console.print("[red]MISMATCH between the served models and PyTorch[/red]")
         raise typer.Exit(1)
     console.print("[green]served models match PyTorch[/green]")

@@ -4,6 +4,12 @@
 `served_metrics` turns that into Recall@K: text->image from the ids the served search returned, image->text
 from the served image embeddings against the served text embeddings. `check_against_reference` is what
 `xmr check` runs: embeddings within tolerance and rankings equal up to exact ties.
+
+The other families are checked the same way against their PyTorch model (`check_artifact` picks the check
+by the artifact's family): `check_video` sends test captions through `text_video_search` and test videos
+through `video_embed` (ids and scores against the artifact's gallery, text-to-video R@K of the served ids
+beside the in-process ones); `check_moments` sends test moment queries through `moment_search` and compares
+the windows with the PyTorch model's through the same post-processing (`postprocess`, the repository's NMS).
 """
 
 from __future__ import annotations
@@ -151,3 +157,208 @@ def search_fresh_server(
     gallery = np.load(Path(artifact) / "gallery.npy")
     error = float(np.abs(result.text_embedding - reference_text).max())
     return error, rankings_agree(result.ids, result.scores, reference_text, gallery, tol)
+
+
+# ----------------------------------------------------------------------------- every family
+
+
+@dataclass
+class FamilyCheck:
+    """What `xmr check` prints for one artifact (`lines`) and whether the served models match PyTorch."""
+
+    family: str
+    ok: bool
+    lines: list[str]
+
+
+def check_image_text(client: XmrClient, artifacts: Path, n: int = 32, tol: float = 1e-4) -> FamilyCheck:
+    """`check_against_reference` on the first `n` test captions and images of the artifact's run."""
+    from xmr.export.manifest import read_manifest
+    from xmr.models.checkpoint import load_run
+    from xmr.models.data import load_split
+    from xmr.models.evaluate.image_text import embed_images, embed_texts
+
+    model, tokenizer, config = load_run(Path(read_manifest(artifacts)["run"]))
+    tc = config["train_config"]
+    data = load_split(tc["data"], "test", root=tc.get("data_root"))
+    texts, images = data.flat_captions()[:n], data.images[:n]
+    report = check_against_reference(
+        client,
+        texts,
+        images,
+        embed_texts(model, tokenizer, texts),
+        embed_images(model, images),
+        np.load(Path(artifacts) / "gallery.npy"),
+        tol=tol,
+    )
+    line = (
+        f"text embeddings: max abs err {report.max_abs_err_text:.2e}; image embeddings: "
+        f"{report.max_abs_err_image:.2e}; rankings equal (up to ties): "
+        f"{report.rows_agreeing}/{report.rows}; tolerance {tol:g}"
+    )
+    return FamilyCheck("image_text", report.ok, [line])
+
+
+def _recall(ids: np.ndarray, targets: np.ndarray, ks=KS) -> dict[str, float]:
+    """Text-to-video R@K (percent) of top-k ids (N, k) against each caption's video."""
+    return {f"t2v_R@{k}": v for k, v in zip(ks, _hits(ids, targets, ks), strict=True)}
+
+
+def _hits(ids: np.ndarray, targets: np.ndarray, ks) -> list[float]:
+    return [100.0 * float((ids[:, :k] == targets[:, None]).any(axis=1).mean()) for k in ks]
+
+
+@dataclass
+class VideoCheckReport:
+    max_abs_err_text: float
+    max_abs_err_video: float
+    rows_agreeing: int
+    rows: int
+    served_recall: dict[str, float]  # t2v R@K of the served top-k ids
+    reference_recall: dict[str, float]  # of the PyTorch text embeddings against the artifact's gallery
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.max_abs_err_text <= self.tol
+            and self.max_abs_err_video <= self.tol
+            and self.rows_agreeing == self.rows
+            and self.served_recall == self.reference_recall
+        )
+
+
+def check_video(client: XmrClient, artifacts: Path, n: int = 32, tol: float = 1e-4) -> VideoCheckReport:
+    """The first `n` test captions through `text_video_search` and the first `n` test videos through
+    `video_embed`, against the PyTorch towers (ProTA: its first stage, the global embeddings)."""
+    from xmr.export.manifest import read_manifest
+    from xmr.export.scoring import ArtifactTask
+    from xmr.models.tokenizer import TextLimits, encode_batch
+    from xmr.models.video.inputs import video_inputs
+
+    task = ArtifactTask.of(read_manifest(artifacts))
+    gallery = np.load(Path(artifacts) / "gallery.npy")
+    split = task.split("test", len(gallery))
+    texts = split.flat_captions()[:n]
+    targets = split.caption_video_index()[:n]
+    runners = task.torch_runners()
+    ids, lengths = encode_batch(task.tokenizer, texts, TextLimits(max_tokens=task.model.cfg.max_tokens))
+    torch_text = runners["text_encoder"].run({"input_ids": ids, "lengths": lengths})["text_embedding"]
+    idx = np.arange(min(n, len(split)))
+    video, mask = (x.numpy() for x in video_inputs(task.model, split, idx))
+    names = task.specs["video_encoder"].input_names
+    torch_video = runners["video_encoder"].run(dict(zip(names, (video, mask), strict=True)))[
+        "video_embedding"
+    ]
+
+    k = min(max(KS), len(gallery))
+    served = client.text_video_search(texts, k)
+    served_video = client.video_embed(video, mask)
+    reference_ids = np.argsort(-(torch_text @ gallery.T), axis=1, kind="stable")[:, :k]
+    agree = rankings_agree(served.ids, served.scores, torch_text, gallery, tol)
+    ks = [x for x in KS if x <= k]
+    return VideoCheckReport(
+        float(np.abs(served.text_embedding - torch_text).max()),
+        float(np.abs(served_video - torch_video).max()),
+        int(agree.sum()),
+        len(agree),
+        _recall(served.ids, targets, ks),
+        _recall(reference_ids, targets, ks),
+        tol,
+    )
+
+
+@dataclass
+class MomentCheckReport:
+    rows_agreeing: int  # queries whose served windows equal the reference's (count, values within tol)
+    rows: int
+    max_abs_err: float  # over every [start_s, end_s, score] value of the queries with equal counts
+    min_iou: float  # the lowest temporal IoU of a served window with the reference window of its rank
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rows_agreeing == self.rows
+
+
+def moment_reference(artifacts: Path, n: int = 32, k: int = 5):
+    """(texts, video ids, PyTorch windows per query) of the first `n` test moment queries: the PyTorch
+    CDNet on the exported split's clips through `postprocess` with the served NMS threshold."""
+    from xmr.export.manifest import read_manifest
+    from xmr.export.repository import MODELS
+    from xmr.export.scoring import ArtifactTask
+    from xmr.models.moments.items import batch_inputs, moment_items
+    from xmr.models.moments.postprocess import postprocess
+    from xmr.models.tokenizer import TextLimits
+
+    task = ArtifactTask.of(read_manifest(artifacts))
+    split = task.split("test")
+    items = moment_items(split)
+    n = min(n, len(items.texts))
+    nms = MODELS["moment_postprocess"].parameters.get("nms_iou", "none")
+    nms_iou = None if nms == "none" else float(nms)
+    runner = task.torch_runners()["moment_model"]
+    limits = TextLimits(max_tokens=task.model.cfg.max_tokens)
+    names = task.specs["moment_model"].input_names
+    windows = []
+    for start in range(0, n, 16):
+        idx = np.arange(start, min(start + 16, n))
+        inputs = [
+            t for t in batch_inputs(task.model, split, items, idx, task.tokenizer, limits) if t is not None
+        ]
+        out = runner.run({name: t.numpy() for name, t in zip(names, inputs, strict=True)})
+        durations = np.full(len(idx), items.duration)
+        windows += postprocess(out["spans"], out["logits"], durations, top_k=k, nms_iou=nms_iou)
+    return items.texts[:n], items.video[:n].astype(np.int64), windows
+
+
+def compare_moments(served: list[np.ndarray], reference: list[np.ndarray], tol: float) -> MomentCheckReport:
+    """Served windows against the reference's, query by query: equal counts, values within `tol`."""
+    from xmr.models.moments.spans import temporal_iou_np
+
+    agreeing, err, min_iou = 0, 0.0, 1.0
+    for got, want in zip(served, reference, strict=True):
+        if got.shape != want.shape:
+            continue
+        row_err = float(np.abs(got - want).max()) if len(want) else 0.0
+        err = max(err, row_err)
+        for a, b in zip(got, want, strict=True):
+            if b[1] > b[0]:
+                min_iou = min(min_iou, float(temporal_iou_np(a[None, :2], b[None, :2]).max()))
+        agreeing += row_err <= tol
+    return MomentCheckReport(agreeing, len(reference), err, min_iou, tol)
+
+
+def check_moments(client: XmrClient, artifacts: Path, n: int = 32, k: int = 5, tol: float = 1e-3):
+    """The first `n` test moment queries through `moment_search` against the PyTorch CDNet; `tol` in
+    seconds and score units (the graphs agree to about 1e-6; spans are scaled by the duration)."""
+    texts, video_ids, reference = moment_reference(artifacts, n, k)
+    return compare_moments(client.moment_search(texts, video_ids, k), reference, tol)
+
+
+def check_artifact(client: XmrClient, artifacts: Path, n: int = 32, tol: float = 1e-4) -> FamilyCheck:
+    """The check of the artifact's family (image-text, text-video, moments) against its PyTorch model."""
+    from xmr.export.manifest import read_manifest
+    from xmr.export.repository import family
+
+    kind = family(read_manifest(artifacts))
+    if kind == "image_text":
+        return check_image_text(client, artifacts, n, tol)
+    if kind == "video":
+        r = check_video(client, artifacts, n, tol)
+        recall = ", ".join(
+            f"{key} {r.served_recall[key]:.1f}/{r.reference_recall[key]:.1f}" for key in r.served_recall
+        )
+        lines = [
+            f"text embeddings: max abs err {r.max_abs_err_text:.2e}; video embeddings: "
+            f"{r.max_abs_err_video:.2e}; rankings equal (up to ties): {r.rows_agreeing}/{r.rows}; "
+            f"tolerance {tol:g}",
+            f"served / in-process: {recall}",
+        ]
+        return FamilyCheck("video", r.ok, lines)
+    r = check_moments(client, artifacts, n, tol=max(tol, 1e-3))
+    line = (
+        f"windows equal: {r.rows_agreeing}/{r.rows} queries; max abs err {r.max_abs_err:.2e} "
+        f"(s and score); min IoU {r.min_iou:.6f}; tolerance {r.tol:g}"
+    )
+    return FamilyCheck("moments", r.ok, [line])

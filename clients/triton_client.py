@@ -1,4 +1,5 @@
-"""gRPC and HTTP clients for the served ensembles (`text_search`, `image_embed`).
+"""gRPC and HTTP clients for the served ensembles (`text_search`, `image_embed`, `text_video_search`,
+`video_embed`, `moment_search`).
 
 Tensor names and dtypes come from the I/O specs in `xmr.export.iospec`, the same ones that wrote the
 server's `config.pbtxt`. Server-side errors (bad text, wrong dtype, unknown model) surface as
@@ -12,7 +13,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from xmr.clients.server import ServerError
-from xmr.export.iospec import ModelSpec, image_embed_spec, text_search_spec
+from xmr.export.iospec import (
+    ModelSpec,
+    TensorSpec,
+    image_embed_spec,
+    moment_search_spec,
+    text_search_spec,
+    text_video_search_spec,
+    video_embed_spec,
+    visern_video_encoder_spec,
+)
 from xmr.models.errors import InputError
 
 PROTOCOLS = ("grpc", "http")
@@ -20,6 +30,11 @@ DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 # Names and dtypes are all a client needs from a spec; the embedding size is the server's business.
 TEXT_SEARCH: ModelSpec = text_search_spec(embed_dim=-1)
 IMAGE_EMBED: ModelSpec = image_embed_spec(embed_dim=-1, image_size=-1)
+TEXT_VIDEO_SEARCH: ModelSpec = text_video_search_spec(embed_dim=-1)
+MOMENT_SEARCH: ModelSpec = moment_search_spec()
+# ViSERN's spec; a ProTA server takes `frames` (B, F, D) instead of `regions` (B, F, K, D): same dtypes
+VIDEO_EMBED: ModelSpec = video_embed_spec(visern_video_encoder_spec(-1, -1, -1))
+FRAMES = TensorSpec("frames", "float32", ("batch", "frames", -1))
 
 
 @dataclass
@@ -93,6 +108,61 @@ class XmrClient:
         images = np.asarray(images)
         result = self._infer("image_embed", [self._input(IMAGE_EMBED, "image", images)], ["image_embedding"])
         return result.as_numpy("image_embedding")
+
+    def text_video_search(self, texts: list[str], k: int = 5) -> SearchResult:
+        """Top-k video ids and scores for each text from `text_video_search`, plus the served text
+        embeddings (the video model's text tower)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        text = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
+        top_k = np.full((len(texts), 1), k, dtype=np.int32)
+        spec = TEXT_VIDEO_SEARCH
+        result = self._infer(
+            spec.name, [self._input(spec, "text", text), self._input(spec, "top_k", top_k)], spec.output_names
+        )
+        return SearchResult(
+            result.as_numpy("ids"), result.as_numpy("scores"), result.as_numpy("text_embedding")
+        )
+
+    def video_embed(self, video: np.ndarray, frame_mask: np.ndarray) -> np.ndarray:
+        """(B, D) embeddings from the served video tower: ViSERN's region features (B, F, K, D) or ProTA's
+        frame features (B, F, D) (told apart by their rank), with the frame mask (B, F) bool."""
+        video = np.asarray(video)
+        name = "regions" if video.ndim == 4 else "frames"
+        spec = (
+            VIDEO_EMBED
+            if name == "regions"
+            else ModelSpec("video_embed", (FRAMES, VIDEO_EMBED.inputs[1]), ())
+        )
+        result = self._infer(
+            "video_embed",
+            [self._input(spec, name, video), self._input(spec, "frame_mask", np.asarray(frame_mask))],
+            ["video_embedding"],
+        )
+        return result.as_numpy("video_embedding")
+
+    def moment_search(self, texts: list[str], video_ids, k: int = 5) -> list[np.ndarray]:
+        """For each (query text, video id): that video's top-k moments from `moment_search`, an array (n, 3)
+        of [start_s, end_s, score], best first (n <= k: NMS may keep fewer)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        text = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
+        ids = np.asarray(video_ids, dtype=np.int64).reshape(-1, 1)
+        if len(ids) != len(texts):
+            raise InputError(f"{len(texts)} query texts but {len(ids)} video ids; expected one id per text")
+        top_k = np.full((len(texts), 1), k, dtype=np.int32)
+        spec = MOMENT_SEARCH
+        result = self._infer(
+            spec.name,
+            [
+                self._input(spec, "text", text),
+                self._input(spec, "video_id", ids),
+                self._input(spec, "top_k", top_k),
+            ],
+            spec.output_names,
+        )
+        moments, counts = result.as_numpy("moments"), result.as_numpy("counts").reshape(-1)
+        return [moments[i, : int(c)] for i, c in enumerate(counts)]
 
     def raw_infer(self, model: str, inputs: dict[str, tuple[np.ndarray, str]], outputs: list[str]) -> dict:
         """Send arbitrary tensors {name: (array, triton dtype)} (tests use it to send wrong dtypes)."""

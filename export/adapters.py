@@ -19,7 +19,7 @@ import numpy as np
 
 from xmr.export import pb
 from xmr.export.iospec import ModelSpec
-from xmr.export.runtime import GalleryIndex, OnnxRunner, decode_texts
+from xmr.export.runtime import ClipStore, GalleryIndex, OnnxRunner, decode_texts, moment_windows, one_top_k
 from xmr.models.errors import InputError
 from xmr.models.image_text.preprocess import preprocess_images
 from xmr.models.tokenizer import TextLimits, encode_batch, load_tokenizer
@@ -122,3 +122,40 @@ class GalleryTopKModel(PythonModel):
 
     def run(self, inputs: list[Arrays]) -> list[dict | InputError]:
         return self.index.search_requests([(x["query_embedding"], x["top_k"]) for x in inputs])
+
+
+class ClipStoreModel(PythonModel):
+    """video_id (B,) -> that video's clip features for CDNet (`clips`, `clip_mask`[, `grid`]) and `durations`.
+
+    The store is the moment export's `clip_features.npz` (the evaluation split's features by video id); the
+    outputs are the ones the spec lists (the grid only for a model that samples it). An unknown id fails its
+    own request only, with a message naming the id.
+    """
+
+    def load(self, folder: Path, params: dict[str, str]) -> None:
+        self.store = ClipStore.load(folder / "clip_features.npz")
+
+    def lookup(self, x: Arrays) -> Arrays:
+        return self.store.lookup(x["video_id"], self.spec.output_names)
+
+    def run(self, inputs: list[Arrays]) -> list[Arrays | ValueError]:
+        return each(inputs, self.lookup)
+
+
+class MomentPostprocessModel(PythonModel):
+    """CDNet's spans (B, Q, 2) and logits (B, Q), durations (B,), top_k -> top-k windows in seconds.
+
+    The shared `xmr.models.moments.postprocess` (sigmoid scores, (center, width) -> (start, end), clipping,
+    NMS at the config's `nms_iou`, "none" for off), so served windows equal the in-process ones.
+    """
+
+    def load(self, folder: Path, params: dict[str, str]) -> None:
+        value = params.get("nms_iou", "none")
+        self.nms_iou = None if value == "none" else float(value)
+
+    def windows(self, x: Arrays) -> Arrays:
+        k = one_top_k(x["top_k"], x["logits"].shape[1], f"the model proposes {x['logits'].shape[1]} moments")
+        return moment_windows(x["spans"], x["logits"], x["durations"], k, self.nms_iou)
+
+    def run(self, inputs: list[Arrays]) -> list[Arrays | ValueError]:
+        return each(inputs, self.windows)

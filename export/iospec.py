@@ -242,3 +242,102 @@ def prota_pair_scorer_spec(embed_dim: int) -> ModelSpec:
         ),
         outputs=(TensorSpec("scores", "float32", ("shortlist",)),),
     )
+
+
+# ----------------------------------------------------------------------------- served text-video and moments
+#
+# The served names of the other families are prefixed (`video_...`, `moment_...`) so one repository can hold
+# every family beside the image-text models, whose names stay unprefixed. Each served spec is derived from
+# the exported graphs' specs (the artifact's manifest), so the rendered configs cannot disagree with the
+# graphs they host.
+
+
+def renamed(spec: ModelSpec, name: str) -> ModelSpec:
+    """`spec` under another served name (the same tensors)."""
+    return ModelSpec(name, spec.inputs, spec.outputs)
+
+
+def text_video_search_spec(embed_dim: int) -> ModelSpec:
+    """Ensemble: text -> video_tokenizer -> video_text_encoder -> video_gallery_topk (video ids)."""
+    return renamed(text_search_spec(embed_dim), "text_video_search")
+
+
+def video_embed_spec(video_encoder: ModelSpec) -> ModelSpec:
+    """Ensemble: the video tower's inputs (ViSERN regions or ProTA frames, frame mask) -> video_embedding."""
+    return ModelSpec("video_embed", video_encoder.inputs, (video_encoder.output("video_embedding"),))
+
+
+def video_serving_specs(text_encoder: ModelSpec, video_encoder: ModelSpec) -> dict[str, ModelSpec]:
+    """Every served model of a text-video artifact (ViSERN, ProTA: first stage) from its graphs' specs."""
+    embed_dim = text_encoder.output("text_embedding").shape[1]
+    specs = [
+        renamed(tokenizer_spec(), "video_tokenizer"),
+        renamed(text_encoder, "video_text_encoder"),
+        renamed(video_encoder, "video_encoder"),
+        renamed(gallery_topk_spec(embed_dim), "video_gallery_topk"),
+        text_video_search_spec(embed_dim),
+        video_embed_spec(video_encoder),
+    ]
+    return {s.name: s for s in specs}
+
+
+# [start_s, end_s, score] windows per row, best first; `counts`: how many of a row's windows are real
+MOMENT_OUTPUTS = (
+    TensorSpec("moments", "float32", ("batch", "k", 3)),
+    TensorSpec("counts", "int64", ("batch",)),
+)
+CLIP_TENSORS = ("clips", "clip_mask", "grid")  # the moment graph's inputs that come from the clip store
+
+
+def moment_clips_spec(moment_model: ModelSpec) -> ModelSpec:
+    """A video id per row -> that video's clip features (as the moment graph takes them) and its duration."""
+    return ModelSpec(
+        "moment_clips",
+        inputs=(TensorSpec("video_id", "int64", ("batch",)),),
+        outputs=(
+            *(t for t in moment_model.inputs if t.name in CLIP_TENSORS),
+            TensorSpec("durations", "float32", ("batch",)),
+        ),
+    )
+
+
+def moment_postprocess_spec(moment_model: ModelSpec) -> ModelSpec:
+    """The head's spans and logits -> the top-k [start_s, end_s, score] windows per row (after NMS).
+
+    A row may keep fewer than k windows after NMS: `counts` says how many of its rows of `moments` are real
+    (the rest are zeros)."""
+    return ModelSpec(
+        "moment_postprocess",
+        inputs=(
+            moment_model.output("spans"),
+            moment_model.output("logits"),
+            TensorSpec("durations", "float32", ("batch",)),
+            TensorSpec("top_k", "int32", ("batch",)),
+        ),
+        outputs=MOMENT_OUTPUTS,
+    )
+
+
+def moment_search_spec() -> ModelSpec:
+    """Ensemble: query text + video id -> tokenizer, clip store -> moment graph -> post-processing."""
+    return ModelSpec(
+        "moment_search",
+        inputs=(
+            TensorSpec("text", "bytes", ("batch", 1)),
+            TensorSpec("video_id", "int64", ("batch",)),
+            TensorSpec("top_k", "int32", ("batch",)),
+        ),
+        outputs=MOMENT_OUTPUTS,
+    )
+
+
+def moment_serving_specs(moment_model: ModelSpec) -> dict[str, ModelSpec]:
+    """Every served model of a CDNet artifact from its graph's spec."""
+    specs = [
+        renamed(tokenizer_spec(), "moment_tokenizer"),
+        moment_clips_spec(moment_model),
+        renamed(moment_model, "moment_model"),
+        moment_postprocess_spec(moment_model),
+        moment_search_spec(),
+    ]
+    return {s.name: s for s in specs}

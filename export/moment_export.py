@@ -1,7 +1,10 @@
 """Export a CDNet run to one ONNX graph in either custom-op form, with parity vs PyTorch on moment metrics.
 
 `export_moment_run(run, out, custom_ops)` writes `moment_model.onnx` (clips, clip_mask, input_ids, lengths
-[, grid] -> spans, logits, saliency), `tokenizer.json` and `manifest.json`: I/O spec, sha256, versions, the
+[, grid] -> spans, logits, saliency), `clip_features.npz` (the clip feature store of the served
+`moment_search`: the test split's `clips` (N, T, D), `clip_mask` (N, T), `durations` (N,) seconds, `grid`
+(N, T, h, w, D) for a grid-sampling model, and `ids` (N,) = row index in the split: the video ids clients
+ask for), `tokenizer.json` and `manifest.json`: I/O spec, sha256, versions, the
 `xmr` nodes, and parity on the test split's moment queries: max abs error / min cosine of each output and
 R1@IoU 0.5/0.7, mAP@0.5/0.75/avg, mIoU of the ONNX outputs (through the same `postprocess` the server
 uses) beside PyTorch's. The standard form runs in ONNX Runtime; the plugin form, whose
@@ -17,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from xmr.export.iospec import ModelSpec, TensorSpec, text_encoder_spec
+from xmr.export.manifest import file_facts
 from xmr.export.onnx_export import Tower, export_onnx, graphs_manifest
 from xmr.export.parity import BackendParity
 from xmr.export.runners import TorchRunner, runner_for
@@ -52,6 +56,20 @@ def moment_model_spec(model: CDNet, grid_hw: tuple[int, int]) -> ModelSpec:
     )
 
 
+def clip_store(model: CDNet, split, duration: float) -> dict[str, np.ndarray]:
+    """The arrays of `clip_features.npz`: what `batch_inputs` feeds CDNet for each video of `split`, by id
+    (row index), and each video's duration in seconds (the one `moment_items` scales spans by)."""
+    store = {
+        "ids": np.arange(len(split), dtype=np.int64),
+        "clips": np.ascontiguousarray(split.frames, dtype=np.float32),
+        "clip_mask": np.ascontiguousarray(split.mask, dtype=bool),
+        "durations": np.full(len(split), duration, dtype=np.float32),
+    }
+    if model.cfg.use_grid:
+        store["grid"] = np.ascontiguousarray(split.grid_features(), dtype=np.float32)
+    return store
+
+
 def export_moment_run(
     run: Path, out: Path, custom_ops: str = "standard", parity_queries: int | None = None
 ) -> dict:
@@ -75,6 +93,7 @@ def export_moment_run(
         ]
         export_onnx(module, tuple(example), spec, tmp / "moment_model.onnx", custom_ops)
         shutil.copy2(Path(run) / TOKENIZER, tmp / "tokenizer.json")
+        np.savez(tmp / "clip_features.npz", **clip_store(model, test, items.duration))
         steps.update()
 
         # threads=0: ONNX Runtime's default, every core
@@ -101,10 +120,13 @@ def export_moment_run(
             "clips": "backbone frame features (B, T, D), see models/data/video.py",
             "duration_s": items.duration,
             "max_tokens": limits.max_tokens,
+            "max_bytes": limits.max_bytes,
             "postprocess": "xmr.models.moments.postprocess",
+            "clip_store": "clip_features.npz: ids = row index in the test split",
         }
         specs = {"moment_model": spec}
         manifest = graphs_manifest(tmp, run, "cdnet", model, specs, custom_ops, preprocessing, parity)
+        manifest.files |= file_facts(tmp, ["clip_features.npz"])
         manifest.write(tmp)
         steps.update()
     steps.close()

@@ -48,7 +48,10 @@ def respond(result: dict[str, np.ndarray] | Exception):
     """An InferenceResponse with the outputs, or a per-request error naming what was wrong."""
     pb_utils = _pb()
     if isinstance(result, Exception):
-        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(result)))
+        # bad input (InputError is a ValueError) is the client's error: INVALID_ARG, gRPC INVALID_ARGUMENT
+        invalid = isinstance(result, ValueError)
+        code = pb_utils.TritonError.INVALID_ARG if invalid else pb_utils.TritonError.INTERNAL
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(result), code))
     return pb_utils.InferenceResponse(
         output_tensors=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in result.items()]
     )

@@ -3,12 +3,25 @@
 What is served is data: `MODELS` is the table of served models (python-backend adapter, config parameters,
 the artifact files of its version folder, dynamic batching) and `ENSEMBLES` the table of ensembles, each a
 tuple of `Step`s (model, input map, output map). Serving another model family is adding rows.
-`build_repository` renders every `config.pbtxt` from these tables and the artifact's manifest (its I/O
+`build_repository` renders every `config.pbtxt` from these tables and the artifacts' manifests (their I/O
 specs and preprocessing facts), writes each python model's `model.py` (a one-line shim importing its
 adapter class from `xmr.export.adapters`) and `spec.json`, and copies the artifacts into place after
-verifying each one's sha256 against the manifest. It reads nothing else, so an installed wheel can run
+verifying each one's sha256 against its manifest. It reads nothing else, so an installed wheel can run
 `xmr repo`. Configs are protobuf messages from `tritonclient`'s `model_config_pb2`, printed with protobuf's
 text format: no hand-written pbtxt.
+
+One repository may hold one artifact of each family (`FAMILIES`, by the manifest's `model`), each served
+under names that say what they hold (`served_specs`, rendered from the I/O specs of `iospec.py`):
+- image-text (rvse): `text_search`, `image_embed` and their models, unprefixed (the manifest lists them);
+- text-video (visern, prota): `text_video_search` (text -> `video_tokenizer` -> `video_text_encoder` ->
+  `video_gallery_topk`, FAISS over the export's `gallery.npy`) and `video_embed` (-> `video_encoder`);
+  ProTA serves its first stage (the global video embedding), not the pair scorer;
+- moments (cdnet): `moment_search` (text + video id -> `moment_tokenizer`, `moment_clips` (the export's
+  `clip_features.npz`) -> `moment_model` -> `moment_postprocess`: top-k [start_s, end_s, score]).
+A step's input and output maps may name tensors that only some artifacts of a family have (ViSERN's
+`regions`, ProTA's `frames`, CDNet's optional `grid`): a map entry is rendered only where the served
+model's spec has that tensor. The repository root holds `serving.json` (every served model's spec, its
+family, each artifact's folder) and, for a one-artifact repository, that artifact's `manifest.json`.
 
 `model_repository/` (committed) is the repository rendered for the default preset (configs and shims, no
 artifacts); `python -m xmr.export.repository` (`make configs`) re-renders it and a test fails if it drifts.
@@ -30,13 +43,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from xmr.export.iospec import ModelSpec, image_text_specs
+from xmr.export.iospec import ModelSpec, image_text_specs, moment_serving_specs, video_serving_specs
 from xmr.export.manifest import read_manifest, verify_artifacts
 from xmr.models.checkpoint import atomic_dir
 from xmr.models.errors import InputError
@@ -111,6 +124,29 @@ MODELS: dict[str, Served] = {
     ),
     "text_encoder": onnx_tower("text_encoder.onnx"),
     "image_encoder": onnx_tower("image_encoder.onnx"),
+    # text-video (ViSERN, ProTA's first stage)
+    "video_tokenizer": Served(
+        "TokenizerModel",
+        {"max_tokens": Fact("max_tokens"), "max_bytes": Fact("max_bytes")},
+        {"tokenizer.json": "tokenizer.json"},
+    ),
+    "video_text_encoder": onnx_tower("text_encoder.onnx"),
+    "video_encoder": onnx_tower("video_encoder.onnx"),
+    "video_gallery_topk": Served(
+        "GalleryTopKModel",
+        {"index": "flat", "max_k": "1000"},
+        {"gallery.npy": "gallery.npy", "gallery_ids.npy": "gallery_ids.npy"},
+        dynamic_batching=True,
+    ),
+    # video moments (CDNet)
+    "moment_tokenizer": Served(
+        "TokenizerModel",
+        {"max_tokens": Fact("max_tokens"), "max_bytes": Fact("max_bytes")},
+        {"tokenizer.json": "tokenizer.json"},
+    ),
+    "moment_clips": Served("ClipStoreModel", {}, {"clip_features.npz": "clip_features.npz"}),
+    "moment_model": onnx_tower("moment_model.onnx"),
+    "moment_postprocess": Served("MomentPostprocessModel", {"nms_iou": "0.7"}),
 }
 
 ENSEMBLES: dict[str, tuple[Step, ...]] = {
@@ -131,7 +167,54 @@ ENSEMBLES: dict[str, tuple[Step, ...]] = {
         Step("preprocess", {"image": "image"}, {"pixel_values": "pixel_values"}),
         Step("image_encoder", {"pixel_values": "pixel_values"}, {"image_embedding": "image_embedding"}),
     ),
+    "text_video_search": (
+        Step("video_tokenizer", {"text": "text"}, {"input_ids": "input_ids", "lengths": "lengths"}),
+        Step(
+            "video_text_encoder",
+            {"input_ids": "input_ids", "lengths": "lengths"},
+            {"text_embedding": "text_embedding"},
+        ),
+        Step(
+            "video_gallery_topk",
+            {"query_embedding": "text_embedding", "top_k": "top_k"},
+            {"ids": "ids", "scores": "scores"},
+        ),
+    ),
+    "video_embed": (  # ViSERN takes regions (B, F, K, D), ProTA frames (B, F, D)
+        Step(
+            "video_encoder",
+            {"regions": "regions", "frames": "frames", "frame_mask": "frame_mask"},
+            {"video_embedding": "video_embedding"},
+        ),
+    ),
+    "moment_search": (
+        Step("moment_tokenizer", {"text": "text"}, {"input_ids": "input_ids", "lengths": "lengths"}),
+        Step(
+            "moment_clips",
+            {"video_id": "video_id"},
+            {"clips": "clips", "clip_mask": "clip_mask", "grid": "grid", "durations": "durations"},
+        ),
+        Step(
+            "moment_model",
+            {
+                "clips": "clips",
+                "clip_mask": "clip_mask",
+                "input_ids": "input_ids",
+                "lengths": "lengths",
+                "grid": "grid",
+            },
+            {"spans": "spans", "logits": "logits"},
+        ),
+        Step(
+            "moment_postprocess",
+            {"spans": "spans", "logits": "logits", "durations": "durations", "top_k": "top_k"},
+            {"moments": "moments", "counts": "counts"},
+        ),
+    ),
 }
+
+# the manifest's `model` -> its family; a repository holds at most one artifact of each family
+FAMILIES: dict[str, str] = {"rvse": "image_text", "visern": "video", "prota": "video", "cdnet": "moments"}
 
 SHIM = "from xmr.export.adapters import {adapter} as TritonPythonModel  # noqa: F401\n"
 
@@ -209,12 +292,22 @@ def model_config(
     return cfg
 
 
-def ensemble_config(spec: ModelSpec, steps: tuple[Step, ...]):
+def step_maps(step: Step, spec: ModelSpec) -> tuple[dict[str, str], dict[str, str]]:
+    """A step's (input map, output map) cut to the tensors its model's served `spec` has (a family's
+    optional tensors: ViSERN's regions or ProTA's frames, CDNet's grid)."""
+    inputs = {k: v for k, v in step.inputs.items() if k in spec.input_names}
+    outputs = {k: v for k, v in step.outputs.items() if k in spec.output_names}
+    return inputs, outputs
+
+
+def ensemble_config(spec: ModelSpec, steps: tuple[Step, ...], specs: Mapping[str, ModelSpec]):
+    """The ensemble `spec` of `steps`; `specs` are the served specs of the steps' models."""
     cfg = model_config(spec, platform="ensemble")
     for s in steps:
+        inputs, outputs = step_maps(s, specs[s.model])
         step = cfg.ensemble_scheduling.step.add(model_name=s.model, model_version=-1)
-        step.input_map.update(s.inputs)
-        step.output_map.update(s.outputs)
+        step.input_map.update(inputs)
+        step.output_map.update(outputs)
     return cfg
 
 
@@ -242,9 +335,34 @@ def python_model(name: str, target: str) -> bool:
     return name in MODELS and not (target == "gpu" and MODELS[name].onnx_on_gpu)
 
 
+def family(manifest: dict) -> str:
+    """The artifact's family (a value of FAMILIES); a manifest without `model` is an image-text one."""
+    kind = manifest.get("model", "rvse")
+    if kind not in FAMILIES:
+        raise InputError(f"the manifest's model {kind!r} has no serving rows; served: {', '.join(FAMILIES)}")
+    return FAMILIES[kind]
+
+
+def served_specs(manifest: dict) -> dict[str, ModelSpec]:
+    """{served model: its I/O spec} of an artifact: the image-text manifest lists its served models; the
+    other families' are rendered from their exported graphs' specs (`iospec.py`)."""
+    graphs = manifest["specs"]
+    kind = family(manifest)
+    if kind == "image_text":
+        return {name: ModelSpec.from_dict(d) for name, d in graphs.items()}
+    needed = ("text_encoder", "video_encoder") if kind == "video" else ("moment_model",)
+    missing = [g for g in needed if g not in graphs]
+    if missing:
+        raise InputError(f"the {manifest['model']} manifest has no {', '.join(missing)} graph spec")
+    if kind == "video":  # ProTA's pair scorer is not served (yet): the first stage ranks by embedding
+        return video_serving_specs(*(ModelSpec.from_dict(graphs[g]) for g in needed))
+    return moment_serving_specs(ModelSpec.from_dict(graphs["moment_model"]))
+
+
 def served_models(manifest: dict) -> list[str]:
-    """The manifest's models, every one checked to have a row in MODELS or ENSEMBLES."""
-    names = list(manifest["specs"])
+    """The artifact's served models, every one checked to have a row in MODELS or ENSEMBLES and its
+    artifact files listed in the manifest."""
+    names = list(served_specs(manifest))
     for name in names:
         if name not in MODELS and name not in ENSEMBLES:
             raise InputError(
@@ -254,6 +372,12 @@ def served_models(manifest: dict) -> list[str]:
         for step in ENSEMBLES.get(name, ()):
             if step.model not in names:
                 raise InputError(f"ensemble {name!r} needs model {step.model!r}, which the manifest lacks")
+        for src in MODELS[name].files.values() if name in MODELS else ():
+            if "files" in manifest and src not in manifest["files"]:
+                raise InputError(
+                    f"model {name!r} serves the artifact file {src}, which the manifest does not list; "
+                    "re-create the artifacts with `xmr export`"
+                )
     return names
 
 
@@ -264,14 +388,17 @@ def repository_configs(
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
     configs = {}
+    specs = served_specs(manifest)
     for name in served_models(manifest):
-        spec = ModelSpec.from_dict(manifest["specs"][name])
+        spec = specs[name]
         if name in ENSEMBLES:
-            configs[name] = ensemble_config(spec, ENSEMBLES[name])
+            configs[name] = ensemble_config(spec, ENSEMBLES[name], specs)
             continue
         served = MODELS[name]
         batching = served.dynamic_batching
         if python_model(name, target):
+            if served.adapter == "OnnxModel":
+                check_stock_ops(name, manifest)
             configs[name] = model_config(spec, parameters(served, manifest), dynamic_batching=batching)
         elif name in engines:
             configs[name] = model_config(
@@ -282,11 +409,28 @@ def repository_configs(
                 max_batch=engine_max_batch(manifest),
             )
         else:
+            check_stock_ops(name, manifest)
             cfg = model_config(spec, platform="onnxruntime_onnx", gpu=True, dynamic_batching=batching)
             trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
             trt.parameters["precision_mode"] = "FP16"
             configs[name] = cfg
     return {name: render(cfg) for name, cfg in configs.items()}
+
+
+def graph_of(name: str) -> str:
+    """The exported graph an ONNX tower row serves (its `.onnx` artifact's name)."""
+    return MODELS[name].files["model.onnx"].removesuffix(".onnx")
+
+
+def check_stock_ops(name: str, manifest: dict) -> None:
+    """ONNX Runtime (the python model on the cpu target, `onnxruntime_onnx` on the gpu) runs standard ops
+    only: InputError for a graph holding `xmr` plugin nodes."""
+    nodes = (manifest.get("xmr_nodes") or {}).get(graph_of(name))
+    if nodes:
+        raise InputError(
+            f"{graph_of(name)}.onnx holds the plugin nodes {', '.join(sorted(set(nodes)))}, which ONNX "
+            f"Runtime cannot run (model {name!r}); serve the export made with --custom-ops standard"
+        )
 
 
 def engine_max_batch(manifest: dict) -> int:
@@ -301,10 +445,11 @@ def engine_models(artifacts: Path, manifest: dict, target: str) -> frozenset[str
     if target != "gpu":
         return frozenset()
     names = set()
-    for name, served in MODELS.items():
-        if not (served.onnx_on_gpu and (Path(artifacts) / served.engine()).is_file()):
+    for name in served_specs(manifest):
+        served = MODELS.get(name)
+        if not (served and served.onnx_on_gpu and (Path(artifacts) / served.engine()).is_file()):
             continue
-        plugins = (manifest.get("engines") or {}).get("plugins", {}).get(name)
+        plugins = (manifest.get("engines") or {}).get("plugins", {}).get(graph_of(name))
         if plugins:
             raise InputError(
                 f"{served.engine()} holds the TensorRT Python plugins {', '.join(plugins)}, which Triton's "
@@ -320,11 +465,12 @@ def repository_texts(
     """Every text file of the repository by its path in it: each model's `config.pbtxt`, and each python
     model's `1/model.py` shim and `1/spec.json`."""
     texts = {}
+    specs = served_specs(manifest)
     for name, config in repository_configs(manifest, target, engines).items():
         texts[f"{name}/config.pbtxt"] = config
         if python_model(name, target):
             texts[f"{name}/1/model.py"] = SHIM.format(adapter=MODELS[name].adapter)
-            texts[f"{name}/1/spec.json"] = json.dumps(manifest["specs"][name], indent=2)
+            texts[f"{name}/1/spec.json"] = json.dumps(specs[name].to_dict(), indent=2)
     return texts
 
 
@@ -341,23 +487,98 @@ def artifact_files(model: str, target: str, engines: frozenset[str]) -> dict[str
     return dict(served.files)
 
 
-def build_repository(artifacts: Path, out: Path, target: str = "cpu") -> Path:
-    """Assemble `out` (replaced atomically) from `artifacts` for `target`; returns `out`."""
-    artifacts = Path(artifacts)
-    manifest = read_manifest(artifacts)
-    verify_artifacts(artifacts, manifest)
-    engines = engine_models(artifacts, manifest, target)
-    texts = repository_texts(manifest, target, engines)
+@dataclass
+class Source:
+    """One artifact folder of a repository: its manifest, family and what it serves."""
+
+    folder: Path
+    manifest: dict
+    family: str
+    engines: frozenset[str]
+    texts: dict[str, str]  # repository_texts
+
+    @property
+    def models(self) -> list[str]:
+        return served_models(self.manifest)
+
+
+def sources(artifacts: Sequence[Path], target: str) -> list[Source]:
+    """Each artifact folder read, verified (sha256) and rendered; InputError when two serve one name."""
+    found: list[Source] = []
+    owner: dict[str, Path] = {}
+    for folder in map(Path, artifacts):
+        manifest = read_manifest(folder)
+        verify_artifacts(folder, manifest)
+        kind = family(manifest)
+        for other in found:
+            if other.family == kind:
+                raise InputError(
+                    f"{other.folder} and {folder} are both {kind} artifacts; a repository serves one "
+                    "artifact of each family (build another repository for the other)"
+                )
+        engines = engine_models(folder, manifest, target)
+        source = Source(folder, manifest, kind, engines, repository_texts(manifest, target, engines))
+        for name in source.models:
+            if name in owner:
+                raise InputError(f"{owner[name]} and {folder} both serve a model named {name!r}")
+            owner[name] = folder
+        found.append(source)
+    if not found:
+        raise InputError("no artifact folder given; pass at least one folder written by `xmr export`")
+    return found
+
+
+def build_repository(artifacts: Path | Sequence[Path], out: Path, target: str = "cpu") -> Path:
+    """Assemble `out` (replaced atomically) from one artifact folder or several (one per family) for
+    `target`; returns `out`."""
+    folders = [artifacts] if isinstance(artifacts, str | Path) else list(artifacts)
+    found = sources(folders, target)
     with atomic_dir(Path(out)) as tmp:
-        for name in tqdm(served_models(manifest), desc="repository", unit="model", disable=None):
+        names = [(s, name) for s in found for name in s.models]
+        for source, name in tqdm(names, desc="repository", unit="model", disable=None):
             version = tmp / name / "1"
             version.mkdir(parents=True)  # an ensemble's stays empty
-            for dest, src in artifact_files(name, target, engines).items():
-                shutil.copy2(artifacts / src, version / dest)
-        for path, text in texts.items():
-            (tmp / path).write_text(text)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            for dest, src in artifact_files(name, target, source.engines).items():
+                shutil.copy2(source.folder / src, version / dest)
+        for source in found:
+            for path, text in source.texts.items():
+                (tmp / path).write_text(text)
+        (tmp / SERVING).write_text(json.dumps(serving_index(found, target), indent=2, sort_keys=True))
+        if len(found) == 1:
+            (tmp / "manifest.json").write_text(json.dumps(found[0].manifest, indent=2, sort_keys=True))
     return Path(out)
+
+
+SERVING = "serving.json"
+
+
+def serving_index(found: list[Source], target: str) -> dict:
+    """`serving.json`: the target, each family's artifact (folder, model) and every served model's family
+    and spec: what clients (`xmr check`) and tests read to know what a repository serves."""
+    specs = {}
+    families = {}
+    for s in found:
+        served = served_specs(s.manifest)
+        for name in s.models:
+            specs[name] = served[name].to_dict()
+            families[name] = s.family
+    return {
+        "target": target,
+        "artifacts": {
+            s.family: {"folder": str(s.folder.resolve()), "model": s.manifest.get("model", "rvse")}
+            for s in found
+        },
+        "families": families,
+        "specs": specs,
+    }
+
+
+def read_serving(repository: Path) -> dict:
+    """The `serving.json` of a repository written by `build_repository`."""
+    path = Path(repository) / SERVING
+    if not path.is_file():
+        raise InputError(f"{repository} has no {SERVING}; build the repository with `xmr repo`")
+    return json.loads(path.read_text())
 
 
 def committed_texts(facts: dict) -> dict[str, str]:

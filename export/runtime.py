@@ -145,3 +145,81 @@ class GalleryIndex:
         for i, out in zip(good, batch, strict=True):
             results[i] = out if isinstance(out, InputError) else {k: v[:, : ks[i]] for k, v in out.items()}
         return results
+
+
+def one_top_k(top_k: np.ndarray, limit: int, what: str) -> int:
+    """The one `top_k` value of a request (every row the same), checked to be in [1, limit]."""
+    values = np.unique(np.asarray(top_k).reshape(-1))
+    if len(values) != 1:
+        raise InputError(
+            f"top_k differs across the rows of one request ({values.tolist()}); "
+            "expected one value per request"
+        )
+    k = int(values[0])
+    if not 1 <= k <= limit:
+        raise InputError(f"top_k is {k}; expected 1 <= top_k <= {limit} ({what})")
+    return k
+
+
+class ClipStore:
+    """The clip features of a video gallery by video id: what `moment_search` runs CDNet on.
+
+    Read from the moment export's `clip_features.npz` (`ids` (N,), `clips` (N, T, D), `clip_mask` (N, T),
+    `durations` (N,) seconds, and `grid` (N, T, h, w, D) for a model sampling each clip's grid). Every
+    video of the store has the same padded length T (the export's split), so a batch needs no padding.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        missing = [k for k in ("ids", "clips", "clip_mask", "durations") if k not in arrays]
+        if missing:
+            raise InputError(f"the clip store has no {', '.join(missing)}")
+        self.ids = np.asarray(arrays["ids"], dtype=np.int64)
+        self.arrays = {k: v for k, v in arrays.items() if k != "ids"}
+        n = len(self.ids)
+        for k, v in self.arrays.items():
+            if len(v) != n:
+                raise InputError(f"clip store {k!r} has {len(v)} rows; expected {n} (one per video id)")
+        self.row = {int(v): i for i, v in enumerate(self.ids)}
+        if len(self.row) != n:
+            raise InputError("the clip store's video ids are not unique")
+
+    @classmethod
+    def load(cls, path) -> ClipStore:
+        with np.load(path, allow_pickle=False) as f:
+            return cls({k: f[k] for k in f.files})
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def lookup(self, video_ids: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The `names` arrays of the rows of `video_ids` (B,); InputError naming an unknown id."""
+        rows = []
+        for v in np.asarray(video_ids).reshape(-1):
+            if int(v) not in self.row:
+                raise InputError(
+                    f"video_id {int(v)} is not in the clip store ({len(self)} videos, ids "
+                    f"{int(self.ids.min())}..{int(self.ids.max())})"
+                )
+            rows.append(self.row[int(v)])
+        missing = [k for k in names if k not in self.arrays]
+        if missing:
+            raise InputError(f"the clip store has no {', '.join(missing)}")
+        return {k: np.ascontiguousarray(self.arrays[k][rows]) for k in names}
+
+
+def moment_windows(
+    spans: np.ndarray, logits: np.ndarray, durations: np.ndarray, top_k: int, nms_iou: float | None
+) -> dict[str, np.ndarray]:
+    """The moment head's outputs -> `moments` (B, k, 3) float32 [start_s, end_s, score], best first, and
+    `counts` (B,): how many rows are real (NMS may keep fewer than k; the rest are zeros).
+
+    The post-processing is `xmr.models.moments.postprocess`, the one evaluation and the export's parity use.
+    """
+    from xmr.models.moments.postprocess import postprocess
+
+    windows = postprocess(spans, logits, durations, top_k=top_k, nms_iou=nms_iou)
+    counts = np.array([len(w) for w in windows], dtype=np.int64)
+    moments = np.zeros((len(windows), max(1, int(counts.max(initial=0))), 3), dtype=np.float32)
+    for i, w in enumerate(windows):
+        moments[i, : len(w)] = w
+    return {"moments": moments, "counts": counts}

@@ -3,6 +3,9 @@
 `export_video_run(run, out, custom_ops)` writes into `out` (replaced atomically):
 - ViSERN: `text_encoder.onnx`, `video_encoder.onnx`; ProTA: also `pair_scorer.onnx` (token-level
   re-ranking of a shortlist for one query);
+- `gallery.npy` (N, D) and `gallery_ids.npy` (N,): the evaluation split's videos embedded by the exported
+  video tower (the videos the parity covered: the whole split in the standard form), ids = row index in the
+  split; the gallery the served `text_video_search` searches (`video_gallery_topk`, FAISS);
 - `tokenizer.json` and `manifest.json`: I/O specs, sha256 of each file, versions, the custom-op form, the
   `xmr`-domain nodes per graph, and parity on the evaluation split: max abs error and min cosine of every
   output, and Recall@1/5/10, median and mean rank (both directions) of the ONNX outputs beside PyTorch's.
@@ -30,6 +33,7 @@ from xmr.export.iospec import (
     video_text_encoder_spec,
     visern_video_encoder_spec,
 )
+from xmr.export.manifest import file_facts
 from xmr.export.onnx_export import Tower, export_onnx, graphs_manifest
 from xmr.export.parity import BackendParity
 from xmr.export.runners import TorchRunner, runner_for
@@ -128,9 +132,17 @@ def export_video_run(
             for name, spec in specs.items()
         }
         backends = BackendParity(torch_runners, runners)
-        onnx_sim = video_similarity(
-            lambda g, feeds: backends.run(g, feeds)[1], model, tokenizer, specs, split
-        )
+        gallery = []  # the exported video tower's embeddings, batch by batch, in split order
+
+        def onnx_run(graph: str, feeds: dict) -> dict:
+            out = backends.run(graph, feeds)[1]
+            if graph == "video_encoder":
+                gallery.append(out["video_embedding"])
+            return out
+
+        onnx_sim = video_similarity(onnx_run, model, tokenizer, specs, split)
+        np.save(tmp / "gallery.npy", np.concatenate(gallery).astype(np.float32))
+        np.save(tmp / "gallery_ids.npy", np.arange(len(split), dtype=np.int64))
         parity = backends.stats.stats
         steps.update()
         torch_sim = similarity(model, tokenizer, split)
@@ -149,6 +161,13 @@ def export_video_run(
             "tokenizer": "tokenizer.json",
         }
         manifest = graphs_manifest(tmp, run, config["model"], model, specs, custom_ops, preprocessing, parity)
+        manifest.files |= file_facts(tmp, ["gallery.npy", "gallery_ids.npy"])
+        manifest.gallery = {
+            "split": f"{split.name}/{split.split}",
+            "size": len(split),
+            "ids": "row index in the split",
+            "tower": "video_encoder.onnx",
+        }
         manifest.write(tmp)
         steps.update()
     steps.close()

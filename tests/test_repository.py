@@ -18,6 +18,7 @@ from xmr.export.repository import (
     committed_texts,
     repository_configs,
     serving_facts,
+    step_maps,
 )
 from xmr.models.errors import InputError
 from xmr.models.image_text.rvse import RVSEConfig
@@ -43,26 +44,66 @@ def test_committed_repository_is_rendered_from_the_tables():
     assert "text_search/1/model.py" not in rendered  # an ensemble has no model.py
 
 
+def family_variants() -> dict[str, dict]:
+    """The served specs of every family variant: image-text (pixels, regions), ViSERN, ProTA, CDNet with
+    and without the grid."""
+    from xmr.export.iospec import (
+        moment_serving_specs,
+        prota_video_encoder_spec,
+        video_serving_specs,
+        video_text_encoder_spec,
+        visern_video_encoder_spec,
+    )
+    from xmr.export.moment_export import moment_model_spec
+    from xmr.models.moments.cdnet import CDNet, CDNetConfig
+
+    def cdnet(grid: bool):
+        cfg = CDNetConfig(vocab_size=30, clip_dim=12, d_model=32, heads=4, groups=4, points=2, word_dim=16)
+        return moment_model_spec(CDNet(CDNetConfig(**{**cfg.to_dict(), "use_grid": grid})), (2, 2))
+
+    return {
+        "pixels": image_text_specs(256, 64),
+        "regions": image_text_specs(256, 64, region_dim=32),
+        "visern": video_serving_specs(video_text_encoder_spec(16), visern_video_encoder_spec(16, 16, 96)),
+        "prota": video_serving_specs(
+            video_text_encoder_spec(16, tokens=True), prota_video_encoder_spec(16, 96)
+        ),
+        "cdnet": moment_serving_specs(cdnet(False)),
+        "cdnet-grid": moment_serving_specs(cdnet(True)),
+    }
+
+
 def test_serving_tables_agree_with_the_specs_and_adapters():
-    specs = image_text_specs(256, 64)
     for name, served in MODELS.items():
         adapter = getattr(adapters, served.adapter)
         assert issubclass(adapter, adapters.PythonModel) and adapter is not adapters.PythonModel, name
-    for name, steps in ENSEMBLES.items():
-        available = set(specs[name].input_names)
-        for step in steps:
-            assert step.model in MODELS, f"{name}: {step.model} is not a served model"
-            assert set(step.inputs) == set(specs[step.model].input_names), f"{name}: {step.model} inputs"
-            assert set(step.inputs.values()) <= available, f"{name}: {step.model} reads a tensor not made yet"
-            assert set(step.outputs) <= set(specs[step.model].output_names), f"{name}: {step.model} outputs"
-            available |= set(step.outputs.values())
-        assert set(specs[name].output_names) <= available, f"{name}: an output no step makes"
+    used: dict[tuple[str, int], set] = {}  # (ensemble, step) -> the map entries some variant renders
+    variants = family_variants()
+    for variant, specs in variants.items():
+        assert set(specs) <= set(MODELS) | set(ENSEMBLES), variant
+        for name in set(specs) & set(ENSEMBLES):
+            available = set(specs[name].input_names)
+            for i, step in enumerate(ENSEMBLES[name]):
+                where = f"{variant}/{name}: {step.model}"
+                assert step.model in specs, f"{where} is not served"
+                inputs, outputs = step_maps(step, specs[step.model])
+                assert set(inputs) == set(specs[step.model].input_names), f"{where} inputs"
+                assert set(inputs.values()) <= available, f"{where} reads a tensor not made yet"
+                available |= set(outputs.values())
+                used.setdefault((name, i), set()).update(inputs.items(), outputs.items())
+            assert set(specs[name].output_names) <= available, f"{variant}/{name}: an output no step makes"
+    for name, steps in ENSEMBLES.items():  # no map entry that no variant has (a typo)
+        for i, step in enumerate(steps):
+            assert used[(name, i)] == set(step.inputs.items()) | set(step.outputs.items()), (name, step.model)
+    # the served names of the families never clash
+    families = [set(variants["pixels"]), set(variants["visern"]), set(variants["cdnet"])]
+    assert sum(map(len, families)) == len(set().union(*families))
 
 
 def test_manifest_models_without_a_serving_row_are_refused():
     facts = default_facts()
-    facts["specs"]["video_encoder"] = facts["specs"]["image_encoder"] | {"name": "video_encoder"}
-    with pytest.raises(InputError, match="model 'video_encoder', which no serving row describes"):
+    facts["specs"]["audio_encoder"] = facts["specs"]["image_encoder"] | {"name": "audio_encoder"}
+    with pytest.raises(InputError, match="model 'audio_encoder', which no serving row describes"):
         repository_configs(facts)
     facts = default_facts()
     del facts["specs"]["preprocess"]
