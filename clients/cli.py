@@ -50,9 +50,9 @@ def train(
     epochs: int = typer.Option(10, min=1),
     batch_size: int | None = typer.Option(None, min=2, help="default 128 (rvse), 64 (video)"),
     lr: float | None = typer.Option(None, help="default 2e-3 (rvse), 1e-3 (video)"),
-    loss: str = typer.Option("triplet_hn", help="training objective: a key of xmr.models.losses.LOSSES"),
+    loss: str | None = typer.Option(None, help="a key of xmr.models.losses.LOSSES; default selhn (rvse)"),
     relevance: str = typer.Option(
-        "lexical", help="continuous labels for kendall/bcls/listwise: lexical|minilm"
+        "minilm", help="continuous labels for kendall/bcls: minilm (the paper's) | lexical"
     ),
     seed: int = typer.Option(0),
     n_train: int | None = typer.Option(None, help="use only the first N training items"),
@@ -84,7 +84,7 @@ def train(
             data_root=root,
             batch_size=batch_size or 128,
             lr=lr or 2e-3,
-            loss=loss,
+            loss=loss or "selhn",
             relevance=relevance,
             text_tower=text_tower,
             text_cache=str(text_cache) if text_cache else None,
@@ -102,7 +102,12 @@ def train(
         from xmr.models.train.video import VideoTrainConfig, train_video
 
         cfg = VideoTrainConfig(
-            **common, model=model, data_root=root, batch_size=batch_size or 64, lr=lr or 1e-3, loss=loss
+            **common,
+            model=model,
+            data_root=root,
+            batch_size=batch_size or 64,
+            lr=lr or 1e-3,
+            loss=loss or "triplet_hn",
         )
         metrics = train_video(cfg, out)
     _print_recall({"PyTorch (test)": metrics["test"]}, item="image" if model == "rvse" else "video")

@@ -41,9 +41,9 @@ def run_demo(workdir: Path, epochs: int = 10, retrain: bool = False, console: Co
         workdir / "build/repository",
     )
 
-    console.rule("1. train RVSE++ on Shapes (PyTorch, CPU)")
+    console.rule("1. train RVSE++ (RVSE + SelHN) on Shapes (PyTorch, CPU)")
     if retrain or not (run / WEIGHTS).is_file():
-        train(TrainConfig(epochs=epochs), run)
+        train(TrainConfig(epochs=epochs, loss="selhn"), run)
     else:
         console.print(f"using the existing run {run} (--retrain to train again)")
 

@@ -10,19 +10,32 @@ import torch
 
 from xmr.models.checkpoint import atomic_dir, load_run
 from xmr.models.errors import InputError
-from xmr.models.evaluate.image_text import embed_texts
+from xmr.models.evaluate.image_text import embed_images, embed_texts
+from xmr.models.image_text.rvse import RVSE
+from xmr.models.train.image_text import ImageTextTask, TrainConfig
+from xmr.models.train.loop import FitConfig, fit, seed_everything
 
 XMR = str(Path(sys.executable).parent / "xmr")
 
 
-def test_run_round_trip_gives_identical_outputs(tiny_run):
-    a, tok, config = load_run(tiny_run)
-    b, _, _ = load_run(tiny_run)
+def test_loaded_run_reproduces_the_trained_model(tmp_path):
+    """The model loaded from a run folder gives exactly the trained model's embeddings (not merely the
+    same as another load of the same file), and differs from a freshly initialised one."""
+    cfg = TrainConfig(n_train=64, n_eval=16, epochs=1, batch_size=32, seed=0)
+    seed_everything(cfg.seed)
+    task = ImageTextTask(cfg)
+    fit(task, FitConfig.of(cfg), tmp_path / "run", rng=np.random.default_rng(cfg.seed))
+    trained = task.model.eval()
+    loaded, tok, config = load_run(tmp_path / "run")
     texts = ["a red circle", "a small blue square above a large green triangle"]
-    assert np.array_equal(embed_texts(a, tok, texts), embed_texts(b, tok, texts))
-    assert config["model"] == "rvse" and config["train_config"]["n_train"] == 256
+    images = task.splits["test"].images[:8]
+    assert np.array_equal(embed_texts(loaded, tok, texts), embed_texts(trained, task.tokenizer, texts))
+    assert np.array_equal(embed_images(loaded, images), embed_images(trained, images))
+    fresh = RVSE(loaded.cfg).eval()
+    assert not np.allclose(embed_images(fresh, images), embed_images(trained, images), atol=1e-3)
+    assert config["model"] == "rvse" and config["train_config"]["n_train"] == 64
     assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.json"} <= {
-        p.name for p in tiny_run.iterdir()
+        p.name for p in (tmp_path / "run").iterdir()
     }
 
 

@@ -1,4 +1,5 @@
-"""Every loss against a naive per-anchor loop, and each paper's claim as a test."""
+"""Every loss against a naive per-anchor loop written from the paper's formula, hand-worked cases that a
+plausible wrong reading fails, each paper's claim as a test, and degenerate batches for every loss."""
 
 import math
 
@@ -21,7 +22,7 @@ from xmr.models.losses import (
     make_loss,
 )
 from xmr.models.losses.listwise import rsc_relevance
-from xmr.models.losses.mining import sliding_window_pairs
+from xmr.models.losses.mining import sliding_windows
 
 # ----------------------------------------------------------------------------- naive references (one anchor)
 
@@ -69,12 +70,19 @@ def ref_kendall(row, rel, tau_label=0.05, tau_sim=0.05):
 
 
 def ref_kendall_swhs(row, rel, window, tau_label=0.05, tau_sim=0.05):
-    order = sorted(range(len(row)), key=lambda i: -rel[i])  # stable: ties keep index order
-    pairs = [(order[a], order[a + d]) for d in range(1, window + 1) for a in range(len(row) - d)]
-    hard = [(j, k) for j, k in pairs if row[j] < row[k]] or pairs
-    return -sum(
-        math.tanh((rel[j] - rel[k]) / tau_label) * math.tanh((row[j] - row[k]) / tau_sim) for j, k in hard
-    ) / len(hard)
+    """BCLS's SW-HS: sort the candidates by label; a window starts at every position and holds the pairs
+    (start, one of the next `window` candidates); only the hardest pair of a window (the largest Kendall
+    term) counts; the loss is the mean over windows (0 without any pair)."""
+
+    def term(j, k):
+        return -math.tanh((rel[j] - rel[k]) / tau_label) * math.tanh((row[j] - row[k]) / tau_sim)
+
+    n = len(row)
+    order = sorted(range(n), key=lambda i: -rel[i])  # stable: ties keep index order
+    hardest = [
+        max(term(order[a], order[b]) for b in range(a + 1, min(a + window, n - 1) + 1)) for a in range(n - 1)
+    ]
+    return sum(hardest) / len(hardest) if hardest else 0.0
 
 
 def ref_ndcg(row, rel, k=None):
@@ -152,10 +160,13 @@ def test_relevance_losses_match_naive_loop(dtype):
         assert KendallRankLoss(window=3)(sim, rel).item() == pytest.approx(swhs, abs=1e-5)
         sndcg = both(lambda a, b: 1 - ref_smooth_ndcg(a, b), s, r)
         assert SmoothNDCGLoss()(sim, rel).item() == pytest.approx(sndcg, abs=1e-4)
-        bcls = both(ref_triplet_sn, s) + 0.1 * both(lambda a, b: ref_kendall_swhs(a, b, 6), s, r)
-        assert BCLS()(sim, rel).item() == pytest.approx(bcls, abs=1e-4)  # window 8 > 6 candidates: all pairs
-        listwise = both(ref_triplet_hn, s) + sndcg  # diagonal relevance is already 1 (RSC)
+        bcls = both(ref_triplet_sn, s) + 0.1 * both(lambda a, b: ref_kendall_swhs(a, b, 8), s, r)
+        assert BCLS()(sim, rel).item() == pytest.approx(bcls, abs=1e-4)
+        listwise = 0.5 * both(ref_triplet_hn, s) + 0.5 * sndcg  # (1 - w) pairwise + w listwise, w = 0.5
         assert ListwiseLoss()(sim, rel).item() == pytest.approx(listwise, abs=1e-4)
+        assert ListwiseLoss(weight=0.2)(sim, rel).item() == pytest.approx(
+            0.8 * both(ref_triplet_hn, s) + 0.2 * sndcg, abs=1e-4
+        )
 
 
 def test_reductions_and_registry():
@@ -267,14 +278,50 @@ def test_kendall_loss_is_minimal_when_orders_agree():
         assert KendallRankLoss().rows(shuffled, labels).item() >= agree
 
 
-def test_sliding_window_touches_order_b_times_window_pairs():
+def test_sliding_windows_pair_label_neighbours():
     for c, w in ((128, 8), (64, 4)):
-        hi, lo = sliding_window_pairs(torch.rand(5, c), w)
-        assert hi.shape == lo.shape == (5, sum(c - d for d in range(1, w + 1)))
-        assert hi.shape[1] <= c * w < c * (c - 1) // 2
-    rel = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
-    hi, lo = sliding_window_pairs(rel, 1)
-    assert hi.tolist() == [[1, 3, 2]] and lo.tolist() == [[3, 2, 0]]  # neighbours in label order
+        hi, lo, valid = sliding_windows(torch.rand(5, c), w)
+        assert hi.shape == lo.shape == valid.shape == (5, c - 1, w)
+        assert int(valid[0].sum()) == sum(c - d for d in range(1, w + 1))  # every pair within w positions
+    rel = torch.tensor([[0.1, 0.9, 0.5, 0.7]])  # label order: 1, 3, 2, 0
+    hi, lo, valid = sliding_windows(rel, 2)
+    assert hi[0, :, 0].tolist() == [1, 3, 2]
+    assert lo[0][valid[0]].tolist() == [3, 2, 2, 0, 0]  # windows (1: 3, 2), (3: 2, 0), (2: 0)
+
+
+def test_swhs_keeps_only_the_hardest_pair_of_each_window():
+    """Hand-worked, sharp temperatures (each term is -sign(dc) sign(ds) = +1 misordered, -1 in order).
+    Labels 0.9 > 0.6 > 0.3 > 0.0, scores 0.1, 0.2, 0.3, 0.0, window 2:
+    window 0: (0,1) +1, (0,2) +1 -> +1; window 1: (1,2) +1, (1,3) -1 -> +1; window 2: (2,3) -1 -> -1.
+    SW-HS = (1 + 1 - 1) / 3 = 1/3. Keeping every misordered pair instead gives +1; all pairs (plain
+    Kendall) give 0; a window's mean instead of its hardest gives (1 + 0 - 1) / 3 = 0."""
+    sharp = dict(tau_label=1e-9, tau_sim=1e-9)
+    rel = torch.tensor([[0.9, 0.6, 0.3, 0.0]], dtype=torch.float64)
+    sim = torch.tensor([[0.1, 0.2, 0.3, 0.0]], dtype=torch.float64)
+    assert KendallRankLoss(window=2, **sharp).rows(sim, rel).item() == pytest.approx(1 / 3)
+    assert KendallRankLoss(**sharp).rows(sim, rel).item() == pytest.approx(0.0)
+    perm = torch.tensor([2, 0, 3, 1])  # the candidates' order in the row does not matter
+    assert KendallRankLoss(window=2, **sharp).rows(sim[:, perm], rel[:, perm]).item() == pytest.approx(1 / 3)
+
+
+def test_swhs_selects_one_pair_per_window():
+    """On random scores about half the window pairs are misordered; SW-HS keeps C - 1 of C x window."""
+    torch.manual_seed(0)
+    c, w = 64, 8
+    sim = torch.rand(1, c, dtype=torch.float64, requires_grad=True)
+    rel = torch.rand(1, c, dtype=torch.float64)
+    KendallRankLoss(window=w).rows(sim, rel).sum().backward()
+    touched = int((sim.grad != 0).sum())
+    hi, lo, valid = sliding_windows(rel, w)
+    misordered = int(
+        (
+            (sim.gather(1, hi.reshape(1, -1)) < sim.gather(1, lo.reshape(1, -1))).reshape(valid.shape) & valid
+        ).sum()
+    )
+    assert misordered > int(valid.sum()) // 3  # what "keep the misordered pairs" would have kept
+    assert touched <= 2 * (c - 1)  # candidates touched by the C - 1 selected pairs
+    want = ref_kendall_swhs(sim[0].tolist(), rel[0].tolist(), w)
+    assert KendallRankLoss(window=w).rows(sim, rel).item() == pytest.approx(want, abs=1e-9)
 
 
 def test_selhn_selection_flips_exactly_at_the_condition():
@@ -316,8 +363,45 @@ def test_selhn_keeps_gradients_where_triplet_hn_vanishes():
     assert grads["selhn"] > 100 * grads["hn"]
 
 
+def test_selhn_hand_worked():
+    """Margin 0.2, threshold 0.1, positive first. Gap to the hardest negative 0.05 < 0.1: all negatives,
+    hinges 0.15 + 0.10 + 0 = 0.25 (Triplet-HN alone: 0.15). Gap 0.15: the hardest only, 0.05 (SH: 0.07)."""
+    pos = torch.tensor([[True, False, False, False]])
+    close = torch.tensor([[0.5, 0.45, 0.4, 0.0]], dtype=torch.float64)
+    far = torch.tensor([[0.5, 0.35, 0.32, 0.0]], dtype=torch.float64)
+    assert SelHN().rows(close, pos).item() == pytest.approx(0.25)
+    assert SelHN().rows(far, pos).item() == pytest.approx(0.05)
+
+
+DEGENERATE = {
+    "1x1": (torch.Size([1, 1]), None),
+    "1 image x 5 captions": (torch.Size([1, 5]), torch.ones(1, 5, dtype=torch.bool)),
+    "5 captions x 1 image": (torch.Size([5, 1]), torch.ones(5, 1, dtype=torch.bool)),
+    "2x2": (torch.Size([2, 2]), None),
+}
+
+
+@pytest.mark.parametrize("batch", list(DEGENERATE))
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_degenerate_batches_give_finite_loss_and_gradient(name, batch):
+    """A last batch of one image (with one caption or several) must not poison training with NaN."""
+    shape, pos = DEGENERATE[batch]
+    g = torch.Generator().manual_seed(0)
+    sim = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    rel = torch.rand(shape, generator=g, dtype=torch.float64)
+    loss_fn = LOSSES[name]()
+    loss = loss_fn(sim, rel, pos) if loss_fn.needs_relevance else loss_fn(sim, pos)
+    loss.backward()
+    assert torch.isfinite(loss), (name, batch, loss)
+    assert sim.grad is not None and torch.isfinite(sim.grad).all(), (name, batch, sim.grad)
+    if batch == "1x1":  # nothing to rank against: every objective is exactly 0
+        assert loss.item() == 0.0, (name, loss)
+
+
 def test_rsc_grades():
     rel = torch.tensor([[0.34, 0.81, 0.05]])
     pos = torch.tensor([[False, False, True]])
-    assert rsc_relevance(rel, pos)[0].tolist() == pytest.approx([0.34, 0.81, 1.0])
+    assert rsc_relevance(rel, pos)[0].tolist() == pytest.approx([0.34, 0.81, 1.0])  # continuous (authors)
     assert rsc_relevance(rel, pos, levels=4)[0].tolist() == pytest.approx([0.25, 0.75, 1.0])
+    assert ListwiseLoss().levels is None and ListwiseLoss.label_kind == "rsc"
+    assert BCLS.label_kind == KendallRankLoss.label_kind == "bcls"

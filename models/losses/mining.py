@@ -58,31 +58,42 @@ def selective_negatives(sim: torch.Tensor, pos_mask: torch.Tensor, threshold: fl
 
 @torch.no_grad()
 def soft_negative_weights(sim: torch.Tensor, pos_mask: torch.Tensor, tau: float) -> torch.Tensor:
-    """Triplet-SN: (Q, C) weights over each row's negatives, softmax(s_n / tau); zero on positives."""
-    return torch.softmax(sim.masked_fill(pos_mask, float("-inf")) / tau, dim=1)
+    """Triplet-SN: (Q, C) weights over each row's negatives, softmax(s_n / tau); zero on positives.
+
+    A row with no negative (a batch of one image) gets all-zero weights, not softmax's 0/0 = NaN."""
+    logits = sim.masked_fill(pos_mask, float("-inf")) / tau
+    has_negative = (~pos_mask).any(dim=1, keepdim=True)
+    weights = torch.softmax(logits.masked_fill(~has_negative, 0.0), dim=1)
+    return torch.where(pos_mask | ~has_negative, torch.zeros_like(weights), weights)
 
 
 @torch.no_grad()
-def sliding_window_pairs(relevance: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SW sampling of BCLS: per row, rank candidates by label and pair each with the `window` next ones.
+def sliding_windows(relevance: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SW sampling of BCLS: per row, sort the candidates by label (descending, ties by index) and slide a
+    window along that order: window `a` pairs the candidate at sorted position `a` with the `window` next
+    ones (positions a + 1 .. a + window), so a pair only ever compares candidates of close labels.
 
-    Returns (hi, lo), each (Q, P) column indices with label(hi) >= label(lo); P = sum_{d=1..w} (C - d),
-    i.e. O(C * window) pairs per row instead of C (C - 1) / 2.
+    Returns (hi, lo, valid), each (Q, S, W) with S = C - 1 windows (one per start position that has a
+    successor) and W = min(window, C - 1): hi / lo are column indices with label(hi) >= label(lo); `valid`
+    is False where a + d runs past the end (those entries repeat the last column and must be ignored).
+    Pairs are disjoint across windows: (a, a + d) belongs to window a only. C <= 1: S = 0, empty tensors.
     """
+    q, c = relevance.shape
     order = torch.argsort(relevance, dim=1, descending=True, stable=True)  # (Q, C)
-    c = relevance.shape[1]
-    his, los = [], []
-    for d in range(1, min(window, c - 1) + 1):
-        his.append(order[:, : c - d])
-        los.append(order[:, d:])
-    return torch.cat(his, dim=1), torch.cat(los, dim=1)
+    w = max(0, min(window, c - 1))
+    starts = torch.arange(max(c - 1, 0), device=relevance.device)  # (S,)
+    ahead = starts[:, None] + torch.arange(1, w + 1, device=relevance.device)[None, :]  # (S, W)
+    valid = ahead < c
+    hi = order[:, starts][:, :, None].expand(q, len(starts), w)
+    lo = order[:, ahead.clamp_max(max(c - 1, 0)).reshape(-1)].reshape(q, len(starts), w)
+    return hi, lo, valid.expand(q, len(starts), w)
 
 
 @torch.no_grad()
-def misordered_pairs(sim: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-    """HS mining of BCLS: (Q, P) mask of pairs whose similarities disagree with their labels' order.
+def hardest_in_windows(terms: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """HS mining of BCLS: (Q, S, 1) index, within each window, of the pair with the largest loss term.
 
-    A row with no misordered pair keeps all its pairs, so its Kendall term still has a value.
-    """
-    hard = sim.gather(1, hi) < sim.gather(1, lo)
-    return hard | ~hard.any(dim=1, keepdim=True)
+    `terms` (Q, S, W) are the per-pair Kendall terms `-tanh(dc / tau_c) tanh(ds / tau_s)` (larger = the
+    similarities disagree more with the labels' order); invalid entries never win. Every window has at
+    least one valid pair (its first), so exactly one pair per window is kept."""
+    return terms.masked_fill(~valid, float("-inf")).argmax(dim=2, keepdim=True)

@@ -11,11 +11,11 @@ from torch import nn
 from xmr.models.losses.mining import (
     all_negatives,
     default_pos_mask,
+    hardest_in_windows,
     hardest_negatives,
-    misordered_pairs,
     positive_index,
     selective_negatives,
-    sliding_window_pairs,
+    sliding_windows,
     soft_negative_weights,
 )
 
@@ -137,13 +137,30 @@ class InfoNCE(PairLoss):
 class KendallRankLoss(nn.Module):
     """Kendall ranking loss between similarities and continuous labels; SW-HS when `window` is set.
 
-    Per anchor row: `-mean over pairs (j, k) of tanh((c_j - c_k) / tau_label) * tanh((s_j - s_k) / tau_sim)`,
-    a differentiable stand-in for Kendall's tau (-1 when the orders agree perfectly, +1 when reversed).
-    Without a window every pair j < k counts (O(C^2) per anchor); with one, only sliding-window pairs whose
-    similarities are misordered (O(C * window)).
+    Per anchor row, a pair (j, k) of candidates costs `-tanh((c_j - c_k) / tau_label) tanh((s_j - s_k) /
+    tau_sim)`: a differentiable stand-in for Kendall's tau (-1 when the two orders agree, +1 when reversed,
+    0 for a tie in the labels). Without a window the row's loss is the mean over all pairs j < k
+    (O(C^2) per anchor).
+
+    With a window (BCLS's SW-HS), the row's loss is the mean over the sliding windows of the hardest pair
+    of each window (`mining.sliding_windows`, `mining.hardest_in_windows`):
+    - SW (sliding window, the paper): candidates sorted by label; window `a` holds the pairs (a, a + d),
+      d = 1 .. window, in that order, so only candidates of close labels are compared. Pairs far apart in
+      label order are left out: their order is already implied by the close ones, and the pseudo labels
+      are noisy, so pairing distant candidates mostly repeats the same (possibly wrong) comparison.
+    - HS (hard sampling, the paper): in each window only the hardest pair counts. The paper says "hard
+      samples" without a formula; we define hardness as the pair's own loss term above (the pair whose
+      similarities disagree most with the labels' order, a tie in labels counting 0), and keep exactly one
+      pair per window, whether misordered or not: a window already in order contributes its
+      least-satisfied pair, whose tanh is near saturation and gives little gradient. This keeps C - 1
+      pairs per anchor, the same order as the triplet loss's C negatives (the paper's complexity claim),
+      about 1/window of the pairs the windows hold; keeping every misordered pair instead would keep about
+      half of them on random scores, which selects nothing.
+    A row with fewer than two candidates has no pair: its loss is 0 (with a zero gradient).
     """
 
     needs_relevance = True
+    label_kind = "bcls"  # the continuous labels it learns from (`image_text.relevance.LABEL_KINDS`)
 
     def __init__(
         self,
@@ -155,18 +172,30 @@ class KendallRankLoss(nn.Module):
         super().__init__()
         self.tau_label, self.tau_sim, self.window, self.reduction = tau_label, tau_sim, window, reduction
 
+    def terms(self, sim: torch.Tensor, relevance: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor):
+        """Per-pair loss terms for column indices hi, lo of any shape (Q, ...)."""
+        q = sim.shape[0]
+
+        def take(x, idx):
+            return x.gather(1, idx.reshape(q, -1)).reshape(idx.shape)
+
+        dc = (take(relevance, hi) - take(relevance, lo)) / self.tau_label
+        ds = (take(sim, hi) - take(sim, lo)) / self.tau_sim
+        return -torch.tanh(dc) * torch.tanh(ds)
+
     def rows(self, sim: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+        c = sim.shape[1]
         if self.window is None:
             dc = (relevance.unsqueeze(2) - relevance.unsqueeze(1)) / self.tau_label  # (Q, C, C)
             ds = (sim.unsqueeze(2) - sim.unsqueeze(1)) / self.tau_sim
-            c = sim.shape[1]
             upper = torch.triu(torch.ones(c, c, dtype=torch.bool, device=sim.device), diagonal=1)
-            return -(torch.tanh(dc) * torch.tanh(ds))[:, upper].mean(dim=1)
-        hi, lo = sliding_window_pairs(relevance, self.window)
-        keep = misordered_pairs(sim, hi, lo).to(sim.dtype)
-        dc = (relevance.gather(1, hi) - relevance.gather(1, lo)) / self.tau_label
-        ds = (sim.gather(1, hi) - sim.gather(1, lo)) / self.tau_sim
-        return -(torch.tanh(dc) * torch.tanh(ds) * keep).sum(dim=1) / keep.sum(dim=1)
+            return -(torch.tanh(dc) * torch.tanh(ds))[:, upper].sum(dim=1) / max(1, c * (c - 1) // 2)
+        hi, lo, valid = sliding_windows(relevance, self.window)  # (Q, S, W)
+        if hi.shape[1] == 0:  # fewer than two candidates: no pair, loss 0 (still part of the graph)
+            return (sim * 0.0).sum(dim=1)
+        terms = self.terms(sim, relevance, hi, lo)
+        hardest = terms.gather(2, hardest_in_windows(terms.detach(), valid)).squeeze(2)  # (Q, S)
+        return hardest.sum(dim=1) / max(1, hardest.shape[1])
 
     def forward(self, sim: torch.Tensor, relevance: torch.Tensor, pos_mask: torch.Tensor | None = None):
         relevance = check_relevance(sim, relevance)
@@ -177,6 +206,7 @@ class BCLS(nn.Module):
     """Binary and continuous label supervision: Triplet-SN on pairs + lambda * Kendall (SW-HS) on labels."""
 
     needs_relevance = True
+    label_kind = "bcls"
 
     def __init__(
         self,

@@ -1,5 +1,12 @@
 """Train RVSE++ on an image-caption split and write a run folder (see checkpoint.py).
 
+RVSE++ is RVSE trained with SelHN (selectively hard negatives), so `loss="selhn"` is the default; any
+key of `models.losses.LOSSES` can replace it. The losses that learn from continuous labels get the labels
+their paper uses (`loss.label_kind`), computed from MiniLM sentence embeddings by default
+(`relevance="minilm"`; `"lexical"` selects TF-IDF). Every loss is trained the same way: the learning
+rate warms up over the first epoch for all of them, and no loss gets a different objective for its
+first epochs unless `warmup_loss` asks for one (then every loss gets the same one).
+
 An epoch visits every training image once, each paired with one of its captions drawn at random, so the
 batch similarity matrix is square with positives on the diagonal. The model state with the best rSum on
 the validation split is kept; the test split is scored once at the end.
@@ -28,7 +35,7 @@ from xmr.models.evaluate.retrieval import retrieval_metrics
 from xmr.models.image_text.inputs import image_inputs
 from xmr.models.image_text.relevance import CaptionRelevance
 from xmr.models.image_text.rvse import RVSE, TEXT_TOWERS, RVSEConfig
-from xmr.models.losses import LOSSES, make_loss
+from xmr.models.losses import LOSSES, TripletHN, make_loss
 from xmr.models.tokenizer import TextLimits, encode_batch, train_tokenizer
 from xmr.models.train.loop import FitConfig, Task, Validation, fit, seed_everything
 
@@ -43,10 +50,13 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-3  # AdamW, cosine decay to 0 after one warm-up epoch of linear ramp
     weight_decay: float = 1e-4
-    loss: str = "triplet_hn"  # a key of models.losses.LOSSES
-    # triplet_hn only: all-negatives hinge first, hardest negatives from scratch collapse (not the lr warm-up)
+    loss: str = "selhn"  # a key of models.losses.LOSSES; SelHN makes RVSE into RVSE++
+    # objective of the first `warmup_epochs` epochs, whatever `loss` is: None (the main loss from the start),
+    # "triplet_sh" (VSE's all-negatives hinge) or a key of LOSSES. The same for every loss, so comparisons
+    # stay fair (a Triplet-SH start is what SelHN automates, so giving it to Triplet-HN alone favours it).
+    warmup_loss: str | None = None
     warmup_epochs: int = 1
-    relevance: str = "lexical"  # continuous labels for kendall / bcls / listwise: lexical | minilm
+    relevance: str = "minilm"  # continuous labels for kendall / bcls / listwise: minilm | lexical
     relevance_cache: str | None = None  # folder caching sentence embeddings (minilm)
     grad_clip: float = 2.0
     seed: int = 0
@@ -97,10 +107,14 @@ class ImageTextTask(Task):
             )
             self.limits = TextLimits(max_tokens=self.model.cfg.max_tokens)
         self.main_loss = make_loss(cfg.loss)
-        self.warm_loss = make_loss(cfg.loss, hardest=False) if cfg.loss == "triplet_hn" else self.main_loss
-        self.labels = None  # continuous labels, for the losses that learn from them
-        if self.main_loss.needs_relevance:
-            self.labels = CaptionRelevance(train_split.captions, cfg.relevance, cfg.relevance_cache)
+        self.warm_loss = make_warmup_loss(cfg.warmup_loss) or self.main_loss
+        self.labels = {}  # label kind -> continuous labels, for the losses that learn from them
+        for loss_fn in (self.main_loss, self.warm_loss):
+            kind = getattr(loss_fn, "label_kind", None) if loss_fn.needs_relevance else None
+            if kind and kind not in self.labels:
+                self.labels[kind] = CaptionRelevance(
+                    train_split.captions, cfg.relevance, cfg.relevance_cache, kind=kind
+                )
         self.size = len(train_split.images)
 
     def _init_minilm(self, train_split: RetrievalSplit, model_overrides: dict | None) -> None:
@@ -140,9 +154,9 @@ class ImageTextTask(Task):
             text = self.model.text.project(self.sentences["train"][torch.from_numpy(caption_idx)])
             sim = self.model.encode_image(images) @ text.T
         loss_fn = self.warm_loss if epoch < self.cfg.warmup_epochs else self.main_loss
-        if self.labels is None:
+        if not loss_fn.needs_relevance:
             return loss_fn(sim)
-        return loss_fn(sim, torch.from_numpy(self.labels.block(idx, caption_idx)))
+        return loss_fn(sim, torch.from_numpy(self.labels[loss_fn.label_kind].block(idx, caption_idx)))
 
     def validate(self) -> Validation:
         if self.sentences is None:
@@ -167,6 +181,17 @@ class ImageTextTask(Task):
         save_run(out, self.model, self.tokenizer, meta, metrics)
 
 
+def make_warmup_loss(name: str | None) -> torch.nn.Module | None:
+    """The warm-up objective: None, "triplet_sh" (Triplet-HN's all-negatives variant) or a LOSSES key."""
+    if name is None:
+        return None
+    if name == "triplet_sh":
+        return TripletHN(hardest=False)
+    if name not in LOSSES:
+        raise InputError(f"unknown warm-up loss {name!r}; valid: triplet_sh, {', '.join(sorted(LOSSES))}")
+    return make_loss(name)
+
+
 @torch.no_grad()
 def evaluate_cached(model: RVSE, split: RetrievalSplit, sentences: torch.Tensor) -> dict[str, float]:
     """``evaluate`` for a frozen MiniLM tower from the split's cached (N_captions, 384) sentence vectors:
@@ -180,6 +205,7 @@ def train(cfg: TrainConfig, out: Path, model_overrides: dict | None = None) -> d
     """Train, keep the best-on-val state, evaluate on test, write the run folder; returns its metrics."""
     if cfg.loss not in LOSSES:
         raise InputError(f"unknown loss {cfg.loss!r}; valid: {', '.join(sorted(LOSSES))}")
+    make_warmup_loss(cfg.warmup_loss)  # an unknown name fails before the data loads
     if cfg.text_tower not in TEXT_TOWERS:
         raise InputError(f"unknown text tower {cfg.text_tower!r}; valid: {', '.join(TEXT_TOWERS)}")
     if cfg.threads:
