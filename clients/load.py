@@ -18,7 +18,9 @@ Locust has written its reports), and writes into OUT:
 What is loaded is data: `RECIPES` maps an ensemble to how a valid request is built from its I/O spec in
 the repository's `manifest.json` (dynamic dim sizes, and a filler per input: Shapes captions, Shapes
 images of the served size, a top-k). Inputs a recipe does not name are filled by their dtype. Loading a
-new ensemble is one entry. Served ensembles without an entry are skipped (and reported as such).
+new ensemble is one entry. Served ensembles without an entry are skipped (and reported as such). A served
+entry point that is one model rather than an ensemble (the cpu target's `text_search`, one python model with
+the ensemble's I/O) is loaded like an ensemble when it has an entry: what counts is the name and its spec.
 
 This module imports neither Locust (which monkey-patches the process with gevent) nor anything heavy at
 import time: the locustfile imports it for the recipes.
@@ -138,8 +140,15 @@ def plan_tasks(served: list[str], weights: Mapping[str, int]) -> dict[str, int]:
 # ----------------------------------------------------------------------------- what is served
 
 
+def entry_point(name: str, platform: str) -> bool:
+    """Whether a served model is loaded as an ensemble: it is one, or it has a recipe (a one-model entry
+    point such as the cpu target's `text_search`)."""
+    return platform == "ensemble" or name in RECIPES
+
+
 def repository_ensembles(repository: Path) -> list[str]:
-    """The ensembles of a repository on disk (their `config.pbtxt` says `platform: "ensemble"`)."""
+    """The ensembles of a repository on disk (their `config.pbtxt` says `platform: "ensemble"`) and its
+    one-model entry points with a recipe (`entry_point`)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -149,18 +158,21 @@ def repository_ensembles(repository: Path) -> list[str]:
     names = []
     for config in sorted(repository.glob("*/config.pbtxt")):
         cfg = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
-        if cfg.platform == "ensemble":
-            names.append(cfg.name or config.parent.name)
+        name = cfg.name or config.parent.name
+        if entry_point(name, cfg.platform):
+            names.append(name)
     return names
 
 
 def served_ensembles(client) -> list[str]:
-    """The READY ensembles of a running server, from its repository index and model configs
-    (`client` is a `tritonclient.grpc.InferenceServerClient`)."""
+    """The READY ensembles (and one-model entry points, `entry_point`) of a running server, from its
+    repository index and model configs (`client` is a `tritonclient.grpc.InferenceServerClient`)."""
     index = client.get_model_repository_index(as_json=True).get("models", [])
     ready = [m["name"] for m in index if m.get("state") == "READY"]
     return sorted(
-        n for n in ready if client.get_model_config(n, as_json=True)["config"].get("platform") == "ensemble"
+        n
+        for n in ready
+        if entry_point(n, client.get_model_config(n, as_json=True)["config"].get("platform", ""))
     )
 
 

@@ -7,6 +7,9 @@ Every `model.py` that `xmr repo` writes is a one-line shim, e.g.
 config's `parameters`; `execute` reads every request of a (dynamic) batch, hands the readable ones to
 `run` at once, and answers each request with its outputs or its own error (`TritonError`), so one bad
 request never fails the others nor the server.
+
+`TextSearchModel` is the one-hop text search the cpu target serves as `text_search` (tokenizer + ONNX
+Runtime text tower + FAISS top-k in one `execute`); the gpu target serves the three-model ensemble instead.
 """
 
 from __future__ import annotations
@@ -159,3 +162,49 @@ class MomentPostprocessModel(PythonModel):
 
     def run(self, inputs: list[Arrays]) -> list[Arrays | ValueError]:
         return each(inputs, self.windows)
+
+
+class TextSearchModel(PythonModel):
+    """Text search in one hop: text (B, 1) BYTES, top_k (B,) int32 -> ids (B, k), scores (B, k),
+    text_embedding (B, D): the I/O of the tokenizer -> text_encoder -> gallery_topk ensemble, so it serves
+    under the same name.
+
+    Each python-backend hop of the ensemble is a shared-memory round trip to a stub process plus a
+    scheduler queue (`xmr.clients.stats` puts 0.3-0.6 ms per hop on top of its work at one caption per
+    request); this runs the same three functions with the same settings (`encode_batch`, `OnnxRunner`,
+    `GalleryIndex`) in one `execute`. A dynamic batch is answered as the three models would answer it: each
+    request tokenised on its own, the readable ones through one ONNX Runtime call (token ids padded to the
+    longest; the tower's mask makes the padding invisible), then one FAISS call at the batch's largest k; a
+    bad request gets its own error. The version folder holds the tokenizer, the tower (`model.onnx`, its I/O
+    spec in `text_encoder.spec.json`) and the gallery.
+    """
+
+    TOWER_SPEC = "text_encoder.spec.json"
+
+    def load(self, folder: Path, params: dict[str, str]) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # as the served gallery_topk (OMP_NUM_THREADS=1)
+        self.tokenizer = load_tokenizer(folder / "tokenizer.json")
+        self.limits = TextLimits(max_tokens=int(params["max_tokens"]), max_bytes=int(params["max_bytes"]))
+        tower = ModelSpec.from_dict(json.loads((folder / self.TOWER_SPEC).read_text()))
+        self.runner = OnnxRunner(folder / "model.onnx", tower, threads=int(params["threads"]))
+        self.embedding = tower.output_names[0]
+        embeddings = np.load(folder / "gallery.npy", allow_pickle=False)
+        ids = np.load(folder / "gallery_ids.npy", allow_pickle=False)
+        self.index = GalleryIndex(embeddings, ids, kind=params["index"], max_k=int(params["max_k"]))
+
+    def encode(self, x: Arrays) -> Arrays:
+        ids, lengths = encode_batch(self.tokenizer, decode_texts(x["text"]), self.limits)
+        return {"input_ids": ids, "lengths": lengths}
+
+    def run(self, inputs: list[Arrays]) -> list[Arrays | InputError]:
+        results: list = each(inputs, self.encode)  # tokens, or the request's error
+        good = [i for i, r in enumerate(results) if not isinstance(r, ValueError)]
+        for i, out in zip(good, self.runner.run_requests([results[i] for i in good]), strict=True):
+            results[i] = out if isinstance(out, InputError) else out[self.embedding]
+        good = [i for i in good if not isinstance(results[i], ValueError)]
+        found = self.index.search_requests([(results[i], inputs[i]["top_k"]) for i in good])
+        for i, out in zip(good, found, strict=True):
+            results[i] = out if isinstance(out, InputError) else {**out, "text_embedding": results[i]}
+        return results

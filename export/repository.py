@@ -2,7 +2,10 @@
 
 What is served is data: `MODELS` is the table of served models (python-backend adapter, config parameters,
 the artifact files of its version folder, dynamic batching) and `ENSEMBLES` the table of ensembles, each a
-tuple of `Step`s (model, input map, output map). Serving another model family is adding rows.
+tuple of `Step`s (model, input map, output map). A name with a row in both tables takes, per target, the form
+`FORMS` says: `text_search` is the one-hop python model `TextSearchModel` on the cpu target and the
+tokenizer -> text_encoder -> gallery_topk ensemble on the gpu target (`serves_as`). Serving another model
+family is adding rows.
 `build_repository` renders every `config.pbtxt` from these tables and the artifacts' manifests (their I/O
 specs and preprocessing facts), writes each python model's `model.py` (a one-line shim importing its
 adapter class from `xmr.export.adapters`) and `spec.json`, and copies the artifacts into place after
@@ -13,6 +16,9 @@ text format: no hand-written pbtxt.
 One repository may hold one artifact of each family (`FAMILIES`, by the manifest's `model`), each served
 under names that say what they hold (`served_specs`, rendered from the I/O specs of `iospec.py`):
 - image-text (rvse): `text_search`, `image_embed` and their models, unprefixed (the manifest lists them);
+  on the cpu target `text_search` is one python model (see "Text search" below) and `tokenizer`,
+  `text_encoder`, `gallery_topk` stay served beside it, callable on their own (e.g. `text_encoder` by a
+  client embedding text);
 - text-video (visern, prota): `text_video_search` (text -> `video_tokenizer` -> `video_text_encoder` ->
   `video_gallery_topk`, FAISS over the export's `gallery.npy`) and `video_embed` (-> `video_encoder`);
   ProTA serves its first stage (the global video embedding), not the pair scorer;
@@ -26,15 +32,34 @@ family, each artifact's folder) and, for a one-artifact repository, that artifac
 `model_repository/` (committed) is the repository rendered for the default preset (configs and shims, no
 artifacts); `python -m xmr.export.repository` (`make configs`) re-renders it and a test fails if it drifts.
 
+Text search: each python-backend hop of an ensemble is a shared-memory round trip to a stub process plus
+a scheduler queue; Triton's statistics (`xmr.clients.stats`, batch 1, one client) put the three-hop
+ensemble at 4.8 ms of server time per request against 1.3 ms for `TextSearchModel` (the same tokenizer,
+ONNX Runtime tower and FAISS search in one `execute`, answering exactly as the ensemble: ids equal, scores
+within 1e-5, tested through the real server). Served captions/s (shared 2-core machine), ensemble with a
+0.5 ms queue delay vs the fused model with none, one instance: b1c1 244 vs 483, b1c4 650 vs 1,110, b1c16
+862 vs 1,382; b8c4 2,426 vs 2,076 (at large client batches the ensemble's three stub processes overlap
+work; the fused model is the choice for interactive search). On the gpu target the tower is a native GPU
+model, so the ensemble stays there.
+
+Queue delay (`QUEUE_DELAY_US`, every dynamically batched model, both targets): 0. With a delay, a request
+that finds the queue short of a full batch waits it out: at 500 us the batched hops measured ~0.9 ms of
+queue each at one request at a time (the unbatched tokenizer 0.09 ms), the largest single cost at low
+load. With 0, Triton still batches whatever queued while an instance was busy, which is how batches form
+under load; the one loaded point where 0 measured worse (batch 8, 16 clients: 0.8-0.9x) is within the
+~20% run-to-run spread of the shared machine, while the low-load gain is not. Re-measure with
+`python -m xmr.perf.served_overhead` (its delay variants) before raising it for a throughput deployment.
+
 Targets:
 - `cpu`: every model is a python-backend model; the towers host ONNX Runtime (this is what the
-  nvidia-pytriton server can run, having only the python backend).
+  nvidia-pytriton server can run, having only the python backend); `text_search` is `TextSearchModel`.
 - `gpu`: the towers are `onnxruntime_onnx` models on KIND_GPU with the TensorRT execution accelerator
   (FP16), or `tensorrt_plan` models where the artifact folder holds `<tower>.plan` engines (what
   `xmr engine` writes, see `engine.py`): the plan copied as `model.plan`, inputs/outputs named and typed
   as the I/O spec says (an engine keeps the graph's FP32 / int64 I/O whatever its precision), its
   `max_batch_size` the engine profile's batch maximum where the manifest records one; the tokenizer,
-  preprocess and gallery models stay python models on the CPU. Served by the official Triton container.
+  preprocess and gallery models stay python models on the CPU, and `text_search` is the ensemble. Served by
+  the official Triton container.
   An engine holding the `xmr` Python plugins (`trt_plugins.py`) runs only in a Python process, so it is
   refused here.
 """
@@ -58,7 +83,7 @@ from xmr.models.errors import InputError
 COMMITTED = Path(__file__).resolve().parent.parent / "model_repository"
 TARGETS = ("cpu", "gpu")
 MAX_BATCH = 64
-QUEUE_DELAY_US = 500  # dynamic batching: wait at most 0.5 ms to fill a batch
+QUEUE_DELAY_US = 0  # dynamic batching: batch what is queued, never wait to fill (see the docstring)
 
 
 @dataclass(frozen=True)
@@ -78,6 +103,8 @@ class Served:
     onnx_on_gpu: on the gpu target it is an `onnxruntime_onnx` model on the GPU (TensorRT accelerator), or a
       `tensorrt_plan` model where the artifacts hold the engine (its `.onnx` artifact's name, `.plan`),
       instead of a python model.
+    specs: {file in its version folder: served model whose I/O spec is written there}, beside its own
+      `spec.json` (the fused text search's tower spec).
     """
 
     adapter: str
@@ -85,6 +112,7 @@ class Served:
     files: Mapping[str, str] = field(default_factory=dict)
     dynamic_batching: bool = False
     onnx_on_gpu: bool = False
+    specs: Mapping[str, str] = field(default_factory=dict)
 
     def engine(self) -> str:
         """The artifact name of this tower's TensorRT engine."""
@@ -147,6 +175,25 @@ MODELS: dict[str, Served] = {
     "moment_clips": Served("ClipStoreModel", {}, {"clip_features.npz": "clip_features.npz"}),
     "moment_model": onnx_tower("moment_model.onnx"),
     "moment_postprocess": Served("MomentPostprocessModel", {"nms_iou": "0.7"}),
+    # the cpu target's text_search (FORMS): tokenizer + text tower + gallery top-k in one python model
+    "text_search": Served(
+        "TextSearchModel",
+        {
+            "max_tokens": Fact("max_tokens"),
+            "max_bytes": Fact("max_bytes"),
+            "threads": "1",
+            "index": "flat",
+            "max_k": "1000",
+        },
+        {
+            "tokenizer.json": "tokenizer.json",
+            "model.onnx": "text_encoder.onnx",
+            "gallery.npy": "gallery.npy",
+            "gallery_ids.npy": "gallery_ids.npy",
+        },
+        dynamic_batching=True,
+        specs={"text_encoder.spec.json": "text_encoder"},
+    ),
 }
 
 ENSEMBLES: dict[str, tuple[Step, ...]] = {
@@ -212,6 +259,10 @@ ENSEMBLES: dict[str, tuple[Step, ...]] = {
         ),
     ),
 }
+
+# {name: {target: "model" (its MODELS row) or "ensemble" (its ENSEMBLES row)}} for a name with both rows;
+# any other name takes the form of the one table that has it, on every target
+FORMS: dict[str, dict[str, str]] = {"text_search": {"cpu": "model", "gpu": "ensemble"}}
 
 # the manifest's `model` -> its family; a repository holds at most one artifact of each family
 FAMILIES: dict[str, str] = {"rvse": "image_text", "visern": "video", "prota": "video", "cdnet": "moments"}
@@ -285,7 +336,8 @@ def model_config(
     if platform != "ensemble":
         kind = pb2.ModelInstanceGroup.KIND_GPU if gpu else pb2.ModelInstanceGroup.KIND_CPU
         cfg.instance_group.add(kind=kind, count=1)
-    if dynamic_batching:
+    if dynamic_batching:  # rendered `dynamic_batching { }` when the delay is 0 (protobuf omits defaults)
+        cfg.dynamic_batching.SetInParent()
         cfg.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
     for key, value in (parameters or {}).items():
         cfg.parameters[key].string_value = value
@@ -330,9 +382,20 @@ def parameters(served: Served, manifest: dict) -> dict[str, str]:
     return out
 
 
+def serves_as(name: str, target: str) -> str:
+    """ "model" (its MODELS row) or "ensemble" (its ENSEMBLES row): the form `name` takes on `target`."""
+    if name in FORMS:
+        return FORMS[name][target]
+    return "ensemble" if name in ENSEMBLES else "model"
+
+
 def python_model(name: str, target: str) -> bool:
     """Whether `name` is a python-backend model (a `model.py` shim and `spec.json`) on `target`."""
-    return name in MODELS and not (target == "gpu" and MODELS[name].onnx_on_gpu)
+    return (
+        name in MODELS
+        and serves_as(name, target) == "model"
+        and not (target == "gpu" and MODELS[name].onnx_on_gpu)
+    )
 
 
 def family(manifest: dict) -> str:
@@ -372,6 +435,9 @@ def served_models(manifest: dict) -> list[str]:
         for step in ENSEMBLES.get(name, ()):
             if step.model not in names:
                 raise InputError(f"ensemble {name!r} needs model {step.model!r}, which the manifest lacks")
+        for model in MODELS[name].specs.values() if name in MODELS else ():
+            if model not in names:
+                raise InputError(f"model {name!r} needs the spec of {model!r}, which the manifest lacks")
         for src in MODELS[name].files.values() if name in MODELS else ():
             if "files" in manifest and src not in manifest["files"]:
                 raise InputError(
@@ -391,13 +457,13 @@ def repository_configs(
     specs = served_specs(manifest)
     for name in served_models(manifest):
         spec = specs[name]
-        if name in ENSEMBLES:
+        if serves_as(name, target) == "ensemble":
             configs[name] = ensemble_config(spec, ENSEMBLES[name], specs)
             continue
         served = MODELS[name]
         batching = served.dynamic_batching
         if python_model(name, target):
-            if served.adapter == "OnnxModel":
+            if "model.onnx" in served.files:  # it hosts ONNX Runtime
                 check_stock_ops(name, manifest)
             configs[name] = model_config(spec, parameters(served, manifest), dynamic_batching=batching)
         elif name in engines:
@@ -471,6 +537,8 @@ def repository_texts(
         if python_model(name, target):
             texts[f"{name}/1/model.py"] = SHIM.format(adapter=MODELS[name].adapter)
             texts[f"{name}/1/spec.json"] = json.dumps(specs[name].to_dict(), indent=2)
+            for file, model in MODELS[name].specs.items():
+                texts[f"{name}/1/{file}"] = json.dumps(specs[model].to_dict(), indent=2)
     return texts
 
 
@@ -479,8 +547,8 @@ def repository_texts(
 
 def artifact_files(model: str, target: str, engines: frozenset[str]) -> dict[str, str]:
     """{file in the model's version folder: artifact file} for one model."""
-    if model not in MODELS:
-        return {}  # an ensemble
+    if serves_as(model, target) == "ensemble":
+        return {}
     served = MODELS[model]
     if target == "gpu" and model in engines:
         return {"model.plan": served.engine()}
@@ -579,6 +647,26 @@ def read_serving(repository: Path) -> dict:
     if not path.is_file():
         raise InputError(f"{repository} has no {SERVING}; build the repository with `xmr repo`")
     return json.loads(path.read_text())
+
+
+def add_ensemble_form(repository: Path, name: str, served_name: str | None = None) -> Path:
+    """Write the ENSEMBLES form of `name` into a built `repository` as `served_name` (default `name`,
+    replacing the model served there): e.g. the gpu target's `text_search` ensemble in a cpu repository, to
+    compare both forms on one server. Its steps must be served there. Returns the model's folder."""
+    repository = Path(repository)
+    if name not in ENSEMBLES:
+        raise InputError(f"{name!r} has no ensemble form; ensembles: {', '.join(ENSEMBLES)}")
+    specs = {n: ModelSpec.from_dict(d) for n, d in read_serving(repository)["specs"].items()}
+    missing = [s.model for s in ENSEMBLES[name] if s.model not in specs]
+    if missing:
+        raise InputError(f"{repository} does not serve {', '.join(missing)}, the steps of {name!r}")
+    served_name = served_name or name
+    spec = ModelSpec.from_dict({**specs[name].to_dict(), "name": served_name})
+    folder = repository / served_name
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "1").mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(render(ensemble_config(spec, ENSEMBLES[name], specs)))
+    return folder
 
 
 def committed_texts(facts: dict) -> dict[str, str]:

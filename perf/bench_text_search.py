@@ -17,8 +17,9 @@ Two backends answer the same real test-split captions with the same top-k, side 
 Around every perf_analyzer point the server's own statistics (Triton's statistics extension, read with
 `xmr.clients.stats`) are diffed: the time per request in each hop (queue, compute input / infer / output,
 the ensemble's total, the scheduler between steps) is printed and written to OUT/text_search_hops.csv.
-`--model` measures another served model with text_search's I/O (e.g. the fused one-hop
-`xmr.export.fused`), `--shared-memory system` / `--streaming` other perf_analyzer transports.
+`--model` measures another served model with text_search's I/O (e.g. the three-hop ensemble form that
+`xmr.export.repository.add_ensemble_form` adds beside the one-hop model), `--shared-memory system` /
+`--streaming` other perf_analyzer transports.
 
 A request carries `batch` captions; throughput is queries (captions) per second, i.e. requests/sec x batch
 (perf_analyzer's "Inferences/Second" already counts batch elements); latency is per request, in ms.

@@ -1,8 +1,9 @@
 """Which serving design closes the gap to the in-process pipeline: the same benchmark on repository variants.
 
-Every variant is a copy of one built cpu repository with its rendered `config.pbtxt` files edited (dynamic
-batching delay, instance counts) and/or the fused one-hop text search (`xmr.export.fused`) in place of the
-`text_search` ensemble, or a perf_analyzer transport (system shared memory, gRPC streaming). Each variant is
+Every variant is a copy of one built cpu repository (whose `text_search` is the one-hop python model
+`TextSearchModel`) with its `config.pbtxt` files edited (dynamic batching delay, instance counts) and/or the
+three-hop ensemble (the gpu target's form, `repository.add_ensemble_form`) in place of `text_search`, or a
+perf_analyzer transport (system shared memory, gRPC streaming). Each variant is
 measured by `bench_text_search.measure` (its own served run, then the in-process pipeline right after), so
 each ratio comes from one run; the per-hop server breakdown of every point is kept.
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import re
 import shutil
 import sys
 import tempfile
@@ -28,8 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xmr.clients.stats import breakdown_csv
-from xmr.export.fused import add_fused_text_search
-from xmr.export.repository import build_repository
+from xmr.export.repository import add_ensemble_form, build_repository
 from xmr.perf.bench_text_search import Settings, measure, throughput_ratios, write_atomic
 
 
@@ -37,37 +36,39 @@ from xmr.perf.bench_text_search import Settings, measure, throughput_ratios, wri
 class Variant:
     delay_us: int | None = None  # every dynamically batched model's max_queue_delay_microseconds
     instances: dict = field(default_factory=dict)  # {model: instance count}
-    fused: dict | None = None  # add_fused_text_search kwargs (delay_us, instances), replacing the ensemble
+    ensemble: bool = False  # text_search as the tokenizer -> text_encoder -> gallery_topk ensemble
     shared_memory: str = "none"
     streaming: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
-    "base": Variant(),
-    "d0": Variant(delay_us=0),
-    "d100": Variant(delay_us=100),
-    "d0-towers-i2": Variant(delay_us=0, instances={"text_encoder": 2, "gallery_topk": 2}),
-    "fused-d0-i1": Variant(fused={"delay_us": 0, "instances": 1}),
-    "fused-d0-i2": Variant(fused={"delay_us": 0, "instances": 2}),
-    "fused-d100-i2": Variant(fused={"delay_us": 100, "instances": 2}),
-    "fused-d0-i2-shm": Variant(fused={"delay_us": 0, "instances": 2}, shared_memory="system"),
-    "fused-d0-i2-stream": Variant(fused={"delay_us": 0, "instances": 2}, streaming=True),
+    "base": Variant(),  # what `xmr repo` writes: the one-hop text_search, no queue delay, one instance
+    "i2": Variant(instances={"text_search": 2}),
+    "d100-i2": Variant(delay_us=100, instances={"text_search": 2}),
+    "i2-shm": Variant(instances={"text_search": 2}, shared_memory="system"),
+    "i2-stream": Variant(instances={"text_search": 2}, streaming=True),
+    "ensemble-d500": Variant(delay_us=500, ensemble=True),  # the design before the one-hop model
+    "ensemble-d0": Variant(ensemble=True),
+    "ensemble-d100": Variant(delay_us=100, ensemble=True),
+    "ensemble-d0-towers-i2": Variant(ensemble=True, instances={"text_encoder": 2, "gallery_topk": 2}),
 }
 
 
-def make_variant(base: Path, out: Path, artifacts: Path, v: Variant) -> Path:
+def make_variant(base: Path, out: Path, v: Variant) -> Path:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
     shutil.copytree(base, out)
-    for cfg in out.glob("*/config.pbtxt"):
-        text = cfg.read_text()
-        if v.delay_us is not None:
-            text = re.sub(
-                r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {v.delay_us}", text
-            )
-        if cfg.parent.name in v.instances:
-            text = re.sub(r"count: \d+", f"count: {v.instances[cfg.parent.name]}", text)
-        cfg.write_text(text)
-    if v.fused is not None:
-        add_fused_text_search(out, artifacts, "text_search", **v.fused)
+    if v.ensemble:
+        add_ensemble_form(out, "text_search")
+    for path in out.glob("*/config.pbtxt"):
+        cfg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        if v.delay_us is not None and cfg.HasField("dynamic_batching"):
+            cfg.dynamic_batching.max_queue_delay_microseconds = v.delay_us
+        if path.parent.name in v.instances:
+            for group in cfg.instance_group:
+                group.count = v.instances[path.parent.name]
+        path.write_text(text_format.MessageToString(cfg))
     return out
 
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.variants:
             v = VARIANTS[name]
             console.rule(f"variant {name}: {v}")
-            repo = make_variant(base, Path(tmp) / name, args.artifacts, v)
+            repo = make_variant(base, Path(tmp) / name, v)
             run = replace(settings, shared_memory=v.shared_memory, streaming=v.streaming)
             points, env = measure(args.artifacts, repo, run, console)
             rows += summary_rows(name, points)

@@ -18,7 +18,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from xmr.export.iospec import ModelSpec, image_text_specs
-from xmr.export.repository import ENSEMBLES, MAX_BATCH, MODELS, build_repository
+from xmr.export.repository import ENSEMBLES, MAX_BATCH, MODELS, QUEUE_DELAY_US, build_repository, serves_as
 from xmr.models.errors import InputError
 
 # the ONNX towers of the tiny image-text repository
@@ -66,22 +66,45 @@ def engine_artifacts(tiny_artifacts, tmp_path_factory):
     return folder
 
 
+def check_forms(configs, target: str) -> None:
+    """Each config takes the form the tables give its name on `target`; an ensemble's steps are its row's,
+    a batched model's queue delay is QUEUE_DELAY_US."""
+    for name, cfg in configs.items():
+        if serves_as(name, target) == "ensemble":
+            assert cfg.platform == "ensemble" and not cfg.instance_group, name
+            assert [s.model_name for s in cfg.ensemble_scheduling.step] == [s.model for s in ENSEMBLES[name]]
+        else:
+            assert cfg.platform != "ensemble" and len(cfg.instance_group) == 1, name
+            assert cfg.HasField("dynamic_batching") == MODELS[name].dynamic_batching, name
+            assert cfg.dynamic_batching.max_queue_delay_microseconds == QUEUE_DELAY_US, name
+
+
 def test_cpu_configs_parse_as_python_and_ensemble_models(tiny_repository):
     configs = parse_configs(tiny_repository)
     check_against_manifest(tiny_repository, configs)
+    check_forms(configs, "cpu")
     for name, cfg in configs.items():
-        if name in ENSEMBLES:
-            assert cfg.platform == "ensemble" and not cfg.instance_group
-            assert [s.model_name for s in cfg.ensemble_scheduling.step] == [s.model for s in ENSEMBLES[name]]
-        else:
+        if cfg.platform != "ensemble":
             assert cfg.backend == "python" and not cfg.platform, name
             assert kinds(cfg) == {"KIND_CPU"}, name
+    # text search is one python model (no queue delay); its composing models stay served on their own
+    assert configs["image_embed"].platform == "ensemble"
+    text_search = configs["text_search"]
+    assert text_search.backend == "python" and text_search.HasField("dynamic_batching")
+    assert text_search.dynamic_batching.max_queue_delay_microseconds == 0
+    assert {"tokenizer", "text_encoder", "gallery_topk"} <= set(configs)
 
 
 def test_gpu_configs_parse_as_onnxruntime_towers(tiny_artifacts, tmp_path):
     repo = build_repository(tiny_artifacts, tmp_path / "gpu", "gpu")
     configs = parse_configs(repo)
     check_against_manifest(repo, configs)
+    check_forms(configs, "gpu")
+    assert [s.model_name for s in configs["text_search"].ensemble_scheduling.step] == [
+        "tokenizer",
+        "text_encoder",
+        "gallery_topk",
+    ]
     for tower in TOWERS:
         cfg = configs[tower]
         assert cfg.platform == "onnxruntime_onnx" and not cfg.backend
@@ -91,13 +114,15 @@ def test_gpu_configs_parse_as_onnxruntime_towers(tiny_artifacts, tmp_path):
         assert accelerators[0].parameters["precision_mode"] == "FP16"
         assert (repo / tower / "1" / "model.onnx").is_file()
     for name in (set(MODELS) & set(configs)) - set(TOWERS):
-        assert configs[name].backend == "python" and kinds(configs[name]) == {"KIND_CPU"}
+        if serves_as(name, "gpu") == "model":
+            assert configs[name].backend == "python" and kinds(configs[name]) == {"KIND_CPU"}, name
 
 
 def test_gpu_configs_parse_as_tensorrt_plans_where_engines_exist(engine_artifacts, tmp_path):
     repo = build_repository(engine_artifacts, tmp_path / "gpu-trt", "gpu")
     configs = parse_configs(repo)
     check_against_manifest(repo, configs)
+    check_forms(configs, "gpu")
     for tower in TOWERS:
         cfg = configs[tower]
         assert cfg.platform == "tensorrt_plan" and not cfg.backend
@@ -141,5 +166,7 @@ def test_engine_manifest_sets_batch_and_refuses_plugin_engines(engine_artifacts,
 
 
 def test_cpu_target_ignores_engines(engine_artifacts, tmp_path):
-    configs = parse_configs(build_repository(engine_artifacts, tmp_path / "cpu", "cpu"))
+    repo = build_repository(engine_artifacts, tmp_path / "cpu", "cpu")
+    configs = parse_configs(repo)
     assert all(configs[t].backend == "python" for t in TOWERS)
+    assert configs["text_search"].backend == "python" and not (repo / "text_search/1/model.plan").exists()

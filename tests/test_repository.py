@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 
@@ -13,10 +14,15 @@ from xmr.export.manifest import read_manifest
 from xmr.export.repository import (
     COMMITTED,
     ENSEMBLES,
+    FORMS,
     MODELS,
+    TARGETS,
     build_repository,
     committed_texts,
+    parameters,
+    python_model,
     repository_configs,
+    serves_as,
     serving_facts,
     step_maps,
 )
@@ -41,7 +47,11 @@ def test_committed_repository_is_rendered_from_the_tables():
     }
     assert committed == rendered, "model_repository/ is stale: run `make configs`"
     assert rendered["text_encoder/1/model.py"] == rendered["image_encoder/1/model.py"]
-    assert "text_search/1/model.py" not in rendered  # an ensemble has no model.py
+    assert "image_embed/1/model.py" not in rendered  # an ensemble has no model.py
+    # the cpu target's text_search is the one-hop python model, its composing models served beside it
+    assert rendered["text_search/1/model.py"].startswith("from xmr.export.adapters import TextSearchModel")
+    assert 'backend: "python"' in rendered["text_search/config.pbtxt"]
+    assert {"tokenizer", "text_encoder", "gallery_topk"} <= {path.split("/")[0] for path in rendered}
 
 
 def family_variants() -> dict[str, dict]:
@@ -92,6 +102,14 @@ def test_serving_tables_agree_with_the_specs_and_adapters():
                 available |= set(outputs.values())
                 used.setdefault((name, i), set()).update(inputs.items(), outputs.items())
             assert set(specs[name].output_names) <= available, f"{variant}/{name}: an output no step makes"
+    # a name in both tables says per target which form it takes; the two forms serve one spec
+    assert set(FORMS) == set(MODELS) & set(ENSEMBLES)
+    for name, forms in FORMS.items():
+        assert set(forms) == set(TARGETS) and set(forms.values()) <= {"model", "ensemble"}, name
+    assert [serves_as("text_search", t) for t in TARGETS] == ["model", "ensemble"]
+    assert serves_as("image_embed", "cpu") == "ensemble" and serves_as("tokenizer", "gpu") == "model"
+    for name, served in MODELS.items():  # its extra spec files name served models of its family
+        assert all(any(name in v and m in v for v in variants.values()) for m in served.specs.values())
     for name, steps in ENSEMBLES.items():  # no map entry that no variant has (a typo)
         for i, step in enumerate(steps):
             assert used[(name, i)] == set(step.inputs.items()) | set(step.outputs.items()), (name, step.model)
@@ -115,13 +133,52 @@ def test_cpu_repository_is_complete(tiny_repository):
     manifest = json.loads((tiny_repository / "manifest.json").read_text())
     for name in manifest["specs"]:
         assert (tiny_repository / name / "config.pbtxt").is_file() and (tiny_repository / name / "1").is_dir()
-        if name in MODELS:
+        if python_model(name, "cpu"):
             version = tiny_repository / name / "1"
             shim = (version / "model.py").read_text()
             adapter = MODELS[name].adapter
             assert shim.startswith(f"from xmr.export.adapters import {adapter} as TritonPythonModel")
             assert json.loads((version / "spec.json").read_text()) == manifest["specs"][name]
             assert all((version / f).is_file() for f in MODELS[name].files)
+            for file, model in MODELS[name].specs.items():
+                assert json.loads((version / file).read_text()) == manifest["specs"][model]
+        else:
+            assert not any((tiny_repository / name / "1").iterdir()), name  # an ensemble
+    assert python_model("text_search", "cpu") and (tiny_repository / "text_search/1/model.onnx").is_file()
+
+
+def test_one_hop_text_search_answers_as_its_three_models(tiny_repository):
+    """In process: TextSearchModel on its version folder = tokenizer -> text_encoder -> gallery_topk, each
+    adapter on its own version folder, on a batch of mixed lengths with a bad request in it."""
+    from xmr.export.iospec import ModelSpec
+
+    manifest = json.loads((tiny_repository / "manifest.json").read_text())
+
+    def loaded(cls, name):
+        model = cls()
+        model.spec = ModelSpec.from_dict(manifest["specs"][name])
+        model.load(tiny_repository / name / "1", parameters(MODELS[name], manifest))
+        return model
+
+    fused = loaded(adapters.TextSearchModel, "text_search")
+    tokenizer = loaded(adapters.TokenizerModel, "tokenizer")
+    encoder = loaded(adapters.OnnxModel, "text_encoder")
+    gallery = loaded(adapters.GalleryTopKModel, "gallery_topk")
+    texts = ["a red circle", "a big blue square above a small green triangle", "", "red"]
+    inputs = [
+        {"text": np.array([[t.encode()]], dtype=object), "top_k": np.array([k], np.int32)}
+        for t, k in zip(texts, [5, 3, 5, 0], strict=True)
+    ]
+    got = fused.run(inputs)
+    assert isinstance(got[2], ValueError) and "text 0 is empty" in str(got[2])
+    assert isinstance(got[3], ValueError) and "top_k is 0" in str(got[3])
+    for i in (0, 1):
+        (tokens,) = tokenizer.run([inputs[i]])
+        (embedded,) = encoder.run([tokens])
+        (found,) = gallery.run([{"query_embedding": embedded["text_embedding"], "top_k": inputs[i]["top_k"]}])
+        assert np.array_equal(got[i]["ids"], found["ids"])
+        np.testing.assert_allclose(got[i]["scores"], found["scores"], atol=1e-5)
+        np.testing.assert_allclose(got[i]["text_embedding"], embedded["text_embedding"], atol=1e-5)
 
 
 def test_onnx_graphs_use_the_spec_names_and_dynamic_dims(tiny_artifacts):
@@ -150,8 +207,10 @@ def test_gpu_target_uses_onnxruntime_with_tensorrt(tiny_artifacts, tmp_path):
     assert 'platform: "onnxruntime_onnx"' in configs["text_encoder"]
     assert 'name: "tensorrt"' in configs["text_encoder"] and "KIND_GPU" in configs["image_encoder"]
     assert 'backend: "python"' in configs["tokenizer"]
+    assert 'platform: "ensemble"' in configs["text_search"]  # the tower runs natively on the GPU there
     repo = build_repository(tiny_artifacts, tmp_path / "gpu", "gpu")
     assert (repo / "text_encoder/1/model.onnx").is_file() and not (repo / "text_encoder/1/model.py").exists()
+    assert not any((repo / "text_search/1").iterdir())
     with pytest.raises(InputError, match="unknown target 'tpu'; valid: cpu, gpu"):
         repository_configs(read_manifest(tiny_artifacts), "tpu")
 

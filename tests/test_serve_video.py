@@ -21,7 +21,7 @@ import pytest
 from test_model_configs import check_against_manifest, parse_configs
 
 from xmr.export.moment_export import export_moment_run
-from xmr.export.repository import ENSEMBLES, build_repository, read_serving
+from xmr.export.repository import ENSEMBLES, build_repository, read_serving, serves_as
 from xmr.export.video_export import export_video_run
 from xmr.models.errors import InputError
 from xmr.models.train.moments import MomentTrainConfig, train_moment
@@ -95,8 +95,8 @@ def test_mixed_repository_configs_parse_and_name_every_family(mixed_repository):
         assert serving["families"][name] == "video"
     for name in ("moment_search", "moment_tokenizer", "moment_clips", "moment_model", "moment_postprocess"):
         assert serving["families"][name] == "moments"
-    for name in set(configs) & set(ENSEMBLES):
-        assert configs[name].platform == "ensemble"
+    for name in set(configs) & set(ENSEMBLES):  # text_search is one python model on the cpu target
+        assert (configs[name].platform == "ensemble") == (serves_as(name, "cpu") == "ensemble"), name
     # ViSERN's video_embed takes regions (ProTA's would take frames); CDNet without a grid maps no grid
     assert [i.name for i in configs["video_embed"].input] == ["regions", "frame_mask"]
     steps = {s.model_name: s for s in configs["moment_search"].ensemble_scheduling.step}

@@ -1,5 +1,6 @@
-"""The per-hop breakdown from Triton's statistics (`xmr.clients.stats`) and the fused one-hop text search
-(`xmr.export.fused`): pure arithmetic on synthetic counters, then the real tritonserver."""
+"""The per-hop breakdown from Triton's statistics (`xmr.clients.stats`) and the one-hop text search the cpu
+target serves (`xmr.export.adapters.TextSearchModel`): pure arithmetic on synthetic counters, then the real
+tritonserver, where the gpu target's three-hop ensemble is served beside it for comparison."""
 
 from __future__ import annotations
 
@@ -68,49 +69,69 @@ def test_table_and_csv_name_every_hop():
 
 
 @pytest.fixture(scope="module")
-def captions():
-    return load_split("shapes", "test").flat_captions()[:12]
+def shapes_test():
+    test = load_split("shapes", "test")
+    return {"captions": test.flat_captions()[:12], "images": test.images[:16]}
+
+
+@pytest.fixture(scope="module")
+def both_forms(tiny_repository, tmp_path_factory):
+    """The tiny cpu repository (text_search: the one-hop python model) plus the gpu target's form of it,
+    the tokenizer -> text_encoder -> gallery_topk ensemble, as `text_search_ensemble`."""
+    from xmr.clients.server import TritonServer
+    from xmr.export.repository import add_ensemble_form
+
+    repo = tmp_path_factory.mktemp("forms") / "repository"
+    shutil.copytree(tiny_repository, repo)
+    add_ensemble_form(repo, "text_search", "text_search_ensemble")
+    server = TritonServer(repo).start()
+    yield server
+    server.stop()
+
+
+def measured(url: str, model: str, send, n: int):
+    """The breakdown of `n` calls of `send(i)`, after one uncounted call."""
+    with StatsProbe(url, model) as probe:
+        send(0)  # outside the measurement: not counted
+        probe.start()
+        for i in range(n):
+            send(i)
+        return probe.steps, probe.stop()
 
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_stats_count_exactly_the_requests_sent_on_every_hop(triton, captions):
+def test_stats_count_exactly_the_requests_sent_on_every_hop(both_forms, shapes_test):
     from xmr.clients.triton_client import XmrClient
 
-    client = XmrClient(triton.grpc_url)
+    client = XmrClient(both_forms.grpc_url)
     n = 7
-    with StatsProbe(triton.grpc_url, "text_search") as probe:
-        assert probe.steps == STEPS
-        client.text_search(captions[:2], 5)  # outside the measurement: not counted
-        probe.start()
-        for i in range(n):
-            client.text_search(captions[i : i + 2], 5)  # 2 captions per request
-        b = probe.stop()
-    client.close()
-    assert [h.model for h in b.hops] == ["text_search", *STEPS, BETWEEN]
+    images = shapes_test["images"]
+    steps, b = measured(
+        both_forms.grpc_url, "image_embed", lambda i: client.image_embed(images[i : i + 2]), n
+    )
+    assert steps == ["preprocess", "image_encoder"]
+    assert [h.model for h in b.hops] == ["image_embed", *steps, BETWEEN]
     for h in b.hops[:-1]:
-        assert (h.requests, h.failures, h.inferences) == (n, 0, 2 * n), h
+        assert (h.requests, h.failures, h.inferences) == (n, 0, 2 * n), h  # 2 images per request
         assert all(getattr(h, f"{s}_us") >= 0 for s in STAGES) and h.total_us > 0, h
         assert h.compute_infer_us > 0
     assert b.total_us >= max(h.total_us for h in b.hops[1:-1])
     text = render(breakdown_table(b))
     csv_text = breakdown_csv(b.rows())
-    for model in ["text_search", *STEPS, BETWEEN]:
+    for model in ["image_embed", *steps, BETWEEN]:
         assert model in text and f"\n{model}," in csv_text
 
-
-@pytest.fixture(scope="module")
-def fused_server(tiny_repository, tiny_artifacts, tmp_path_factory):
-    """The tiny repository plus the fused model as `text_search_fused`, beside the ensemble."""
-    from xmr.clients.server import TritonServer
-    from xmr.export.fused import add_fused_text_search
-
-    repo = tmp_path_factory.mktemp("fused") / "repository"
-    shutil.copytree(tiny_repository, repo)
-    add_fused_text_search(repo, tiny_artifacts, "text_search_fused", delay_us=0, instances=2)
-    server = TritonServer(repo).start()
-    yield server
-    server.stop()
+    # the served text_search is one hop: no steps, nothing between hops
+    captions = shapes_test["captions"]
+    steps, b = measured(
+        both_forms.grpc_url, "text_search", lambda i: client.text_search(captions[i : i + 2], 5), n
+    )
+    assert steps == [] and [(h.model, h.role) for h in b.hops] == [("text_search", "model")]
+    (h,) = b.hops
+    assert (h.requests, h.failures, h.inferences) == (n, 0, 2 * n) and h.compute_infer_us > 0
+    assert "\ntext_search," in breakdown_csv(b.rows()) and BETWEEN not in render(breakdown_table(b))
+    client.close()
 
 
 def search(client, model: str, texts: list[str], k: int) -> dict:
@@ -122,31 +143,43 @@ def search(client, model: str, texts: list[str], k: int) -> dict:
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_fused_text_search_answers_as_the_three_hop_ensemble(fused_server, captions):
+def test_one_hop_text_search_answers_as_the_three_hop_ensemble(both_forms, shapes_test):
     from xmr.clients.triton_client import XmrClient
 
-    client = XmrClient(fused_server.grpc_url)
+    captions = shapes_test["captions"]
+    client = XmrClient(both_forms.grpc_url)
     for texts in [captions[:1], captions[:8], [captions[3], "red", captions[5]]]:  # mixed lengths
-        ens, fused = search(client, "text_search", texts, 10), search(client, "text_search_fused", texts, 10)
-        assert (fused["ids"] == ens["ids"]).all()
-        assert np.abs(fused["scores"] - ens["scores"]).max() < 1e-5
-        assert np.abs(fused["text_embedding"] - ens["text_embedding"]).max() < 1e-5
+        ens, one = search(client, "text_search_ensemble", texts, 10), search(client, "text_search", texts, 10)
+        assert (one["ids"] == ens["ids"]).all()
+        assert np.abs(one["scores"] - ens["scores"]).max() < 1e-5
+        assert np.abs(one["text_embedding"] - ens["text_embedding"]).max() < 1e-5
+    # the text tower served on its own gives the same embedding
+    tokens = client.raw_infer(
+        "tokenizer",
+        {"text": (np.array([[captions[0].encode()]], dtype=object), "BYTES")},
+        ["input_ids", "lengths"],
+    )
+    lengths = tokens["lengths"].reshape(-1, 1)
+    inputs = {"input_ids": (tokens["input_ids"], "INT64"), "lengths": (lengths, "INT64")}
+    embedded = client.raw_infer("text_encoder", inputs, ["text_embedding"])["text_embedding"]
+    assert np.abs(embedded - search(client, "text_search", captions[:1], 1)["text_embedding"]).max() < 1e-5
     # concurrent single-caption requests are dynamically batched (padded together): same answers
     with ThreadPoolExecutor(6) as pool:
-        one_by_one = list(pool.map(lambda t: search(client, "text_search_fused", [t], 5)["ids"], captions))
-    assert (np.concatenate(one_by_one) == search(client, "text_search", captions, 5)["ids"]).all()
+        one_by_one = list(pool.map(lambda t: search(client, "text_search", [t], 5)["ids"], captions))
+    assert (np.concatenate(one_by_one) == search(client, "text_search_ensemble", captions, 5)["ids"]).all()
     client.close()
 
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_fused_text_search_gives_the_ensembles_errors(fused_server):
+def test_one_hop_text_search_gives_the_ensembles_errors(both_forms):
     from xmr.clients.triton_client import ServerError, XmrClient
 
-    client = XmrClient(fused_server.grpc_url)
-    with pytest.raises(ServerError, match="text 0 is empty; expected at least one word"):
-        search(client, "text_search_fused", [""], 5)
-    with pytest.raises(ServerError, match=r"top_k is 0; expected 1 <= top_k"):
-        search(client, "text_search_fused", ["a red circle"], 0)
-    assert search(client, "text_search_fused", ["a red circle"], 3)["ids"].shape == (1, 3)  # still up
+    client = XmrClient(both_forms.grpc_url)
+    for model in ("text_search", "text_search_ensemble"):
+        with pytest.raises(ServerError, match="text 0 is empty; expected at least one word"):
+            search(client, model, [""], 5)
+        with pytest.raises(ServerError, match=r"top_k is 0; expected 1 <= top_k"):
+            search(client, model, ["a red circle"], 0)
+    assert search(client, "text_search", ["a red circle"], 3)["ids"].shape == (1, 3)  # still up
     client.close()

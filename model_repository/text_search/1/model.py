@@ -1,0 +1,1 @@
+from xmr.export.adapters import TextSearchModel as TritonPythonModel  # noqa: F401
