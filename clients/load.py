@@ -469,7 +469,7 @@ def run_load(cfg: LoadConfig, console=None) -> dict:
         console.print(f"tritonserver ready on gRPC {server.grpc_url} (log: {server.log_path})")
         preflight(server.grpc_url, manifest, plan, content)
         interval = cfg.memory_interval_s or (5.0 if cfg.soak else 2.0)
-        sampler = MemorySampler(server._proc.pid, interval)  # the tritonserver process
+        sampler = MemorySampler(server.pid, interval)  # the tritonserver process
         sampler.start()
         console.print(
             f"Locust: {cfg.users} users (spawn rate {cfg.spawn_rate:g}/s) for {cfg.run_time_s} s, "

@@ -261,6 +261,11 @@ class TritonServer:
             return ""
         return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
 
+    @property
+    def pid(self) -> int | None:
+        """The tritonserver process id while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

@@ -114,7 +114,7 @@ def test_a_killed_server_leaves_no_orphan_stub_or_shared_memory(tiny_repository)
     try:
         stubs = [psutil.Process(pid) for pid in server.stubs()]
         assert len(stubs) >= 4 and list(SHM_DIR.glob(f"{server.shm_prefix}*"))
-        os.kill(server._proc.pid, signal.SIGKILL)
+        os.kill(server.pid, signal.SIGKILL)
         assert server.watch(interval_s=0.1).startswith("tritonserver exited with code -9")
         wait_for(lambda: gone(stubs), 10, "the stubs of a killed server gone")
     finally:
