@@ -76,9 +76,7 @@ class VideoTask(Task):
         self.model = build_model(cfg.model, train_split, self.tokenizer.get_vocab_size(), model_overrides)
         self.limits = TextLimits(max_tokens=self.model.cfg.max_tokens)
         if cfg.model == "prota":
-            self.main_loss = self.warm_loss = ProTALoss(
-                self.model.cfg.tau, self.model.cfg.margin, self.model.cfg.beta
-            )
+            self.main_loss = self.warm_loss = ProTALoss.of(self.model.cfg)  # w_global: the first stage
         else:
             self.main_loss = make_loss(cfg.loss)
             self.warm_loss = (
