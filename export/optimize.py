@@ -527,6 +527,13 @@ def optimize(artifact: Path, out: Path, cfg: OptimizeConfig) -> dict:
                     run_of(optimised), task.specs["image_encoder"], test.images, task.model
                 )
                 np.save(tmp / "gallery.npy", gallery.astype(np.float32))
+            elif task.family == "video" and "gallery.npy" in manifest["files"]:  # likewise, the video tower
+                from xmr.export.scoring import embed_videos
+
+                _, split = manifest["gallery"]["split"].split("/")
+                videos = task.split(split, manifest["gallery"]["size"])
+                gallery = embed_videos(run_of(optimised), task.model, task.specs["video_encoder"], videos)
+                np.save(tmp / "gallery.npy", gallery.astype(np.float32))
             new = Manifest.from_dict(manifest)
             new.files = file_facts(tmp, list(manifest["files"]))
             new.versions = versions()

@@ -124,6 +124,20 @@ def video_similarity(run: Run, model, tokenizer, specs: dict[str, ModelSpec], sp
     return np.stack(columns, axis=1)
 
 
+def embed_videos(run: Run, model, spec: ModelSpec, split, batch_size: int = 32) -> np.ndarray:
+    """The video tower's global embeddings of every video of `split`, in split order (the served gallery)."""
+    from xmr.models.video.inputs import video_inputs
+
+    chunks = [
+        run(
+            "video_encoder",
+            dict(zip(spec.input_names, (x.numpy() for x in video_inputs(model, split, idx)), strict=True)),
+        )["video_embedding"]  # fmt: skip
+        for idx in tqdm(list(batches(len(split), batch_size)), desc="videos", leave=False, disable=None)
+    ]
+    return np.concatenate(chunks)
+
+
 def score_video(run: Run, model, tokenizer, specs: dict[str, ModelSpec], split) -> dict[str, float]:
     sim = video_similarity(run, model, tokenizer, specs, split)
     return retrieval_metrics(sim, split.caption_video_index())

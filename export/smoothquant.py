@@ -84,9 +84,16 @@ def activation_absmax(path: Path, activations: list[str], feeds: list[Feeds]) ->
             session = reference_evaluator(str(augmented))
         else:
             session = ort.InferenceSession(str(augmented), providers=["CPUExecutionProvider"])
+    # every output, by the runtime's own names for them
+    if hasattr(session, "get_outputs"):
+        names = [o.name for o in session.get_outputs()]
+    else:
+        names = list(session.output_names)
     absmax: dict[str, np.ndarray] = {}
     for batch in feeds:
-        for name, x in zip(activations, session.run(activations, batch), strict=True):
+        outputs = dict(zip(names, session.run(None, batch), strict=True))
+        for name in activations:
+            x = outputs[name]
             m = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
             absmax[name] = np.maximum(absmax[name], m) if name in absmax else m
     return absmax

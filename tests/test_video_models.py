@@ -157,3 +157,15 @@ def test_optimize_video_artifacts(video_runs, tmp_path):
     assert all(p["min_cosine"] > 0.95 for outputs in parity.values() for p in outputs.values()), parity
     ops = {n.op_type for n in onnx.load(tmp_path / "prota-qdq" / "pair_scorer.onnx").graph.node}
     assert "QuantizeLinear" in ops or manifest["optimization"]["candidates"]["pair_scorer"] == 0
+
+    # the served gallery is the optimised video tower's, not the FP32 one copied over
+    from xmr.export.runners import runner_for
+    from xmr.export.scoring import ArtifactTask, embed_videos, run_of
+
+    task = ArtifactTask.of(manifest)
+    runner = runner_for(tmp_path / "prota-qdq" / "video_encoder.onnx", task.specs["video_encoder"])
+    videos = task.split(manifest["gallery"]["split"].split("/")[1], manifest["gallery"]["size"])
+    want = embed_videos(run_of({"video_encoder": runner}), task.model, task.specs["video_encoder"], videos)
+    got = np.load(tmp_path / "prota-qdq" / "gallery.npy")
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert not np.array_equal(got, np.load(tmp_path / "prota" / "gallery.npy"))
