@@ -99,7 +99,7 @@ def test_installed_wheel_writes_a_complete_repository(wheel_env, tiny_artifacts,
         if name not in MODELS:  # an ensemble: an empty version folder
             assert not any(version.iterdir()), name
             continue
-        expected = {"model.py", "spec.json", *MODELS[name].files}
+        expected = {"model.py", "spec.json", *MODELS[name].files, *MODELS[name].specs}
         assert {p.name for p in version.iterdir()} == expected, name
         for dest, src in MODELS[name].files.items():
             assert (version / dest).read_bytes() == (tiny_artifacts / src).read_bytes(), f"{name}/1/{dest}"
