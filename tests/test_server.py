@@ -148,3 +148,29 @@ def test_xmr_serve_binds_loopback_and_stops_on_sigterm(tiny_repository):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_text_search_answers_any_subset_of_its_outputs(triton, reference, protocol):
+    """A client may ask for `ids` alone (the ensemble form failed that with "unexpected deadlock")."""
+    if protocol == "grpc":
+        import tritonclient.grpc as tc
+
+        client = tc.InferenceServerClient(triton.grpc_url)
+    else:
+        import tritonclient.http as tc
+
+        client = tc.InferenceServerClient(triton.http_url)
+    text = tc.InferInput("text", [2, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[t.encode()] for t in reference["texts"][:2]], dtype=object))
+    top_k = tc.InferInput("top_k", [2, 1], "INT32")
+    top_k.set_data_from_numpy(np.full((2, 1), 5, np.int32))
+    full = XmrClient(triton.grpc_url, "grpc").text_search(reference["texts"][:2], k=5)
+    for names in (["ids"], ["ids", "scores"], ["text_embedding"]):
+        result = client.infer(
+            "text_search", [text, top_k], outputs=[tc.InferRequestedOutput(n) for n in names]
+        )
+        got = {n: result.as_numpy(n) for n in ("ids", "scores", "text_embedding")}
+        assert {n for n, v in got.items() if v is not None} == set(names)
+        if "ids" in names:
+            np.testing.assert_array_equal(got["ids"], full.ids)
