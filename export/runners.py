@@ -43,7 +43,9 @@ def check_finite(name: str, x: np.ndarray) -> None:
 
 
 def check_feeds(spec: ModelSpec, feeds: Feeds) -> Feeds:
-    """The spec's inputs from `feeds`, in spec order; InputError on a missing input, a wrong dtype, a NaN."""
+    """The spec's inputs from `feeds`, in spec order; InputError on a missing input, a wrong dtype, a NaN,
+    and on token inputs that would be read as something else: negative `input_ids`, `lengths` outside
+    1..the number of tokens (a length 0 would average over no token and give NaN)."""
     for t in spec.inputs:
         if t.name not in feeds:
             raise InputError(f"missing input {t.name!r} for {spec.name}")
@@ -51,6 +53,16 @@ def check_feeds(spec: ModelSpec, feeds: Feeds) -> Feeds:
         if x.dtype != t.numpy_dtype:
             raise InputError(f"input {t.name!r} has dtype {x.dtype}; expected {t.dtype}")
         check_finite(t.name, x)
+    ids, lengths = feeds.get("input_ids"), feeds.get("lengths")
+    if ids is not None and ids.size and ids.min() < 0:
+        raise InputError(f"input 'input_ids' holds {int(ids.min())}; expected token ids >= 0")
+    if ids is not None and lengths is not None and lengths.size and ids.ndim == 2:
+        bad = (lengths < 1) | (lengths > ids.shape[1])
+        if bad.any():
+            raise InputError(
+                f"input 'lengths' holds {int(lengths[bad][0])}; expected 1 <= length <= {ids.shape[1]} "
+                "(the number of tokens in input_ids)"
+            )
     return {t.name: feeds[t.name] for t in spec.inputs}
 
 
@@ -104,9 +116,16 @@ class OnnxRunner:
             raise InputError(f"{path} has inputs {got}; its I/O spec says {spec.input_names}")
 
     def run(self, feeds: Feeds) -> Feeds:
-        return named_outputs(
-            self.spec, self.session.run(self.spec.output_names, check_feeds(self.spec, feeds))
-        )
+        checked = check_feeds(self.spec, feeds)
+        try:
+            outputs = self.session.run(self.spec.output_names, checked)
+        except Exception as e:  # noqa: BLE001 (onnxruntime raises its own types)
+            # On inputs that passed the spec's checks, a failure is the input's (a token id past the
+            # vocabulary, an index out of range): an InputError, so a batch is retried request by request
+            # (`run_requests`) and only the offending request fails, with ONNX Runtime's one-line reason.
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise InputError(f"{self.spec.name} cannot run on this input: {reason}") from e
+        return named_outputs(self.spec, outputs)
 
     def run_requests(self, requests: list[Feeds]) -> list[Feeds | InputError]:
         """Run several requests as one batch (padding dynamic dims); a bad request gets its error back."""

@@ -95,6 +95,38 @@ def test_onnx_runner_checks_dtype_nan_and_file(tiny_artifacts, tmp_path):
         OnnxRunner(tmp_path / "bad.onnx", text_encoder_spec(256))
 
 
+def test_token_inputs_that_would_be_read_as_something_else_are_refused(tiny_artifacts):
+    """Negative ids, lengths of 0 (a NaN embedding) or past the tokens, ids past the vocabulary: each an
+    InputError naming the input, never a silent embedding."""
+    runner = OnnxRunner(tiny_artifacts / "text_encoder.onnx", text_encoder_spec(256))
+    ids = np.array([[3, 4, 5]], np.int64)
+    for feeds, message in (
+        ({"input_ids": np.array([[3, -1, 5]], np.int64), "lengths": np.array([3])}, "'input_ids' holds -1"),
+        ({"input_ids": ids, "lengths": np.array([0])}, r"'lengths' holds 0; expected 1 <= length <= 3"),
+        ({"input_ids": ids, "lengths": np.array([-2])}, "'lengths' holds -2"),
+        ({"input_ids": ids, "lengths": np.array([4])}, "'lengths' holds 4"),
+        ({"input_ids": np.array([[3, 100000, 5]], np.int64), "lengths": np.array([3])}, "cannot run"),
+    ):
+        with pytest.raises(InputError, match=message):
+            runner.run(feeds)
+
+
+def test_a_bad_request_in_a_batch_fails_alone(tiny_artifacts):
+    """An id past the vocabulary makes ONNX Runtime fail the whole batched call; the batch is then run
+    request by request, so the valid requests of the same batch get exactly their own answers."""
+    runner = OnnxRunner(tiny_artifacts / "text_encoder.onnx", text_encoder_spec(256))
+
+    def request(ids):
+        return {"input_ids": np.array([ids], np.int64), "lengths": np.array([len(ids)], np.int64)}
+
+    good = [request([3, 4, 5]), request([7, 8]), request([9])]
+    bad = request([3, 100000])
+    results = runner.run_requests([good[0], bad, good[1], good[2]])
+    assert isinstance(results[1], InputError) and "text_encoder" in str(results[1])
+    for got, feeds in zip([results[0], *results[2:]], good, strict=True):
+        np.testing.assert_allclose(got["text_embedding"], runner.run(feeds)["text_embedding"], atol=1e-6)
+
+
 def test_onnx_runner_is_the_runners_one():
     """The served models import OnnxRunner from runtime; it is the runner of `runners.py`."""
     from xmr.export import runners
