@@ -196,37 +196,32 @@ MODELS: dict[str, Served] = {
     ),
 }
 
-ENSEMBLES: dict[str, tuple[Step, ...]] = {
-    "text_search": (
-        Step("tokenizer", {"text": "text"}, {"input_ids": "input_ids", "lengths": "lengths"}),
+
+def text_search_steps(prefix: str) -> tuple[Step, ...]:
+    """text -> `{prefix}tokenizer` -> `{prefix}text_encoder` -> `{prefix}gallery_topk` -> ids, scores (and
+    the text embedding): the text search of a family whose models carry `prefix`."""
+    return (
+        Step(f"{prefix}tokenizer", {"text": "text"}, {"input_ids": "input_ids", "lengths": "lengths"}),
         Step(
-            "text_encoder",
+            f"{prefix}text_encoder",
             {"input_ids": "input_ids", "lengths": "lengths"},
             {"text_embedding": "text_embedding"},
         ),
         Step(
-            "gallery_topk",
+            f"{prefix}gallery_topk",
             {"query_embedding": "text_embedding", "top_k": "top_k"},
             {"ids": "ids", "scores": "scores"},
         ),
-    ),
+    )
+
+
+ENSEMBLES: dict[str, tuple[Step, ...]] = {
+    "text_search": text_search_steps(""),
     "image_embed": (
         Step("preprocess", {"image": "image"}, {"pixel_values": "pixel_values"}),
         Step("image_encoder", {"pixel_values": "pixel_values"}, {"image_embedding": "image_embedding"}),
     ),
-    "text_video_search": (
-        Step("video_tokenizer", {"text": "text"}, {"input_ids": "input_ids", "lengths": "lengths"}),
-        Step(
-            "video_text_encoder",
-            {"input_ids": "input_ids", "lengths": "lengths"},
-            {"text_embedding": "text_embedding"},
-        ),
-        Step(
-            "video_gallery_topk",
-            {"query_embedding": "text_embedding", "top_k": "top_k"},
-            {"ids": "ids", "scores": "scores"},
-        ),
-    ),
+    "text_video_search": text_search_steps("video_"),
     "video_embed": (  # ViSERN takes regions (B, F, K, D), ProTA frames (B, F, D)
         Step(
             "video_encoder",

@@ -83,7 +83,6 @@ def score_image_text(run: Run, model, tokenizer, specs: dict[str, ModelSpec], sp
 def video_similarity(run: Run, model, tokenizer, specs: dict[str, ModelSpec], split, batch_size: int = 32):
     """The (N_video, N_caption) scores of the exported video graphs: embeddings' dot products (ViSERN), or
     every caption re-ranking the whole gallery with the pair scorer (ProTA)."""
-    from xmr.models.video.inputs import video_inputs
 
     limits = TextLimits(max_tokens=model.cfg.max_tokens)
     texts = split.flat_captions()
@@ -95,15 +94,7 @@ def video_similarity(run: Run, model, tokenizer, specs: dict[str, ModelSpec], sp
             {k: v[i : i + 1, : lengths[i]] if v.ndim == 3 else v[i : i + 1] for k, v in out.items()}
             for i in range(len(idx))
         ]
-    names = specs["video_encoder"].input_names
-    video_out = [
-        run(
-            "video_encoder",
-            dict(zip(names, (x.numpy() for x in video_inputs(model, split, idx)), strict=True)),
-        )
-        for idx in tqdm(list(batches(len(split), batch_size)), desc="videos", leave=False, disable=None)
-    ]
-    videos = {k: np.concatenate([v[k] for v in video_out]) for k in video_out[0]}
+    videos = video_outputs(run, model, specs["video_encoder"], split, batch_size)
     if "pair_scorer" not in specs:
         return videos["video_embedding"] @ np.concatenate([t["text_embedding"] for t in text_rows]).T
     mask = np.ascontiguousarray(split.mask.astype(bool))
@@ -124,18 +115,23 @@ def video_similarity(run: Run, model, tokenizer, specs: dict[str, ModelSpec], sp
     return np.stack(columns, axis=1)
 
 
-def embed_videos(run: Run, model, spec: ModelSpec, split, batch_size: int = 32) -> np.ndarray:
-    """The video tower's global embeddings of every video of `split`, in split order (the served gallery)."""
+def video_outputs(run: Run, model, spec: ModelSpec, split, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Every output of the video tower for every video of `split`, in split order."""
     from xmr.models.video.inputs import video_inputs
 
     chunks = [
         run(
             "video_encoder",
             dict(zip(spec.input_names, (x.numpy() for x in video_inputs(model, split, idx)), strict=True)),
-        )["video_embedding"]  # fmt: skip
+        )  # fmt: skip
         for idx in tqdm(list(batches(len(split), batch_size)), desc="videos", leave=False, disable=None)
     ]
-    return np.concatenate(chunks)
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def embed_videos(run: Run, model, spec: ModelSpec, split, batch_size: int = 32) -> np.ndarray:
+    """The video tower's global embeddings of every video of `split`, in split order (the served gallery)."""
+    return video_outputs(run, model, spec, split, batch_size)["video_embedding"]
 
 
 def score_video(run: Run, model, tokenizer, specs: dict[str, ModelSpec], split) -> dict[str, float]:
