@@ -1,0 +1,223 @@
+"""Where dynamic INT8 loses the MiniLM text tower's accuracy: the first token's outlier activations.
+
+    python -m xmr.perf.int8_outliers artifacts/rvse-minilm --out perf/figures
+
+ONNX Runtime's dynamic INT8 (`xmr optimize --precision int8`) quantizes each MatMul's input with one scale
+per tensor, computed from the whole batch. This script measures, for the text tower:
+
+1. the range that scale must cover at every MatMul reading a (batch, tokens, channels) activation, over
+   64 dev captions: the largest |value| over all tokens, and over all tokens but the first ([CLS]);
+2. three versions of the tower on the same inputs: FP32, dynamic INT8 as `xmr optimize` converts it
+   (per-channel weights, SmoothQuant off, no node kept), and dynamic INT8 with the first token's rows of
+   every such MatMul split off and computed in FP32 (Slice -> FP32 MatMul for token 0, INT8 MatMul for the
+   rest -> Concat), so the per-tensor scale no longer has to cover the outlier token (the idea of
+   "PrefixQuant: Eliminating Outliers by Prefixed Tokens for Large Language Models Quantization", applied
+   here to an encoder's [CLS] token). For each: the text embedding's error against FP32 (1 - mean cosine,
+   dev captions), the test split's R@1 drop in both directions against FP32 (image tower FP32), and the
+   throughput at batch 64 relative to FP32, timed alternately with FP32 (`--repeats` each) so that load
+   on the machine weighs on both.
+
+Writes `int8_outliers.csv` (the variants), `int8_outliers_ranges.csv` (per MatMul input) and
+`int8_outliers.md` (the README's table, with the machine). Nothing here is a product feature: the split
+graph is an experiment, kept as a script so that its figures can be re-checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from xmr.export.manifest import read_manifest
+from xmr.export.runners import OnnxRunner
+from xmr.export.scoring import ArtifactTask, embed_images, embed_texts, run_of
+from xmr.models.evaluate.retrieval import retrieval_metrics
+from xmr.models.tokenizer import TextLimits, encode_batch
+from xmr.perf.int8_frontier import paired_speedup
+from xmr.perf.precision import tower_inputs
+from xmr.perf.tables import cpu_model
+
+TOWER = "text_encoder"
+
+
+def token_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The MatMuls with a constant 2-D weight whose input is (batch, tokens, channels)."""
+    weights = {i.name for i in model.graph.initializer if len(i.dims) == 2}
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*model.graph.value_info, *model.graph.input]}
+    return [
+        n
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.input[1] in weights and rank.get(n.input[0]) == 3
+    ]
+
+
+def split_first_token(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Every token MatMul `Y = X W` as `Concat(X[:, :1] W, X[:, 1:] W)`, the second keeping the node's
+    name (so the quantizer converts it) and the first named `<node>/first` (to be kept FP32)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    consts = {"first_0": [0], "first_1": [1], "first_end": [np.iinfo(np.int64).max]}
+    g.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), k) for k, v in consts.items())
+    split = {n.name for n in token_matmuls(model)}
+    nodes, kept = [], []
+    for n in g.node:
+        if n.name not in split:
+            nodes.append(n)
+            continue
+        x, w, y, p = n.input[0], n.input[1], n.output[0], n.name
+        nodes += [
+            helper.make_node("Slice", [x, "first_0", "first_1", "first_1"], [f"{p}/x0"], name=f"{p}/slice0"),
+            helper.make_node(
+                "Slice", [x, "first_1", "first_end", "first_1"], [f"{p}/x1"], name=f"{p}/slice1"
+            ),
+            helper.make_node("MatMul", [f"{p}/x0", w], [f"{p}/y0"], name=f"{p}/first"),
+            helper.make_node("MatMul", [f"{p}/x1", w], [f"{p}/y1"], name=p),
+            helper.make_node("Concat", [f"{p}/y0", f"{p}/y1"], [y], name=f"{p}/concat", axis=1),
+        ]
+        kept.append(f"{p}/first")
+    del g.node[:]
+    g.node.extend(nodes)
+    return model, kept
+
+
+def activation_ranges(path: Path, feeds: dict) -> list[dict]:
+    """Per token MatMul input: max |x| over every token and over every token but the first."""
+    import onnxruntime as ort
+
+    model = onnx.load(path)
+    inputs = sorted({n.input[0] for n in token_matmuls(model)})
+    model.graph.output.extend(helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None) for x in inputs)
+    with tempfile.TemporaryDirectory(prefix="xmr-outliers-") as tmp:
+        onnx.save(model, Path(tmp) / "probe.onnx")
+        outs = ort.InferenceSession(str(Path(tmp) / "probe.onnx"), providers=["CPUExecutionProvider"]).run(
+            inputs, feeds
+        )
+    rows = []
+    for name, x in zip(inputs, outs, strict=True):
+        rows.append(
+            {
+                "activation": name,
+                "absmax_all_tokens": round(float(np.abs(x).max()), 2),
+                "absmax_without_first": round(float(np.abs(x[:, 1:]).max()), 2),
+            }
+        )
+    return rows
+
+
+def quantize(source: Path, dest: Path, exclude: list[str]) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(source, dest, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                     weight_type=QuantType.QInt8, nodes_to_exclude=exclude)  # fmt: skip
+    return dest
+
+
+def measure(artifact: Path, threads: int, repeats: int, dev_items: int) -> tuple[list[dict], list[dict]]:
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice about pre-processing
+    task = ArtifactTask.of(read_manifest(artifact))
+    spec = task.specs[TOWER]
+    limits = TextLimits(max_tokens=task.model.cfg.max_tokens)
+    dev_caps = task.split("val").flat_captions()[: dev_items * 5]
+    ids, lengths = encode_batch(task.tokenizer, dev_caps[:64], limits)
+    ranges = activation_ranges(artifact / f"{TOWER}.onnx", {"input_ids": ids, "lengths": lengths})
+    test = task.split("test")
+    image_runner = OnnxRunner(artifact / "image_encoder.onnx", task.specs["image_encoder"], threads)
+    images = embed_images(
+        run_of({"image_encoder": image_runner}), task.specs["image_encoder"], test.images, task.model
+    )
+    speed_feeds = tower_inputs(task, TOWER, 64)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="xmr-outliers-") as tmp:
+        tmp = Path(tmp)
+        fp32_path = artifact / f"{TOWER}.onnx"
+        split, kept = split_first_token(onnx.load(fp32_path))
+        onnx.save(split, tmp / "split.onnx")
+        variants = {
+            "FP32": fp32_path,
+            "dynamic INT8": quantize(fp32_path, tmp / "int8.onnx", []),
+            "dynamic INT8, first token FP32": quantize(tmp / "split.onnx", tmp / "split_int8.onnx", kept),
+        }
+        runners = {k: OnnxRunner(p, spec, threads) for k, p in variants.items()}
+
+        def texts(runner, captions):
+            return embed_texts(run_of({TOWER: runner}), task.tokenizer, captions, limits)
+
+        ref_dev = texts(runners["FP32"], dev_caps)
+        ref = retrieval_metrics(
+            images @ texts(runners["FP32"], test.flat_captions()).T, test.caption_image_index()
+        )
+        for name, runner in runners.items():
+            dev = texts(runner, dev_caps)
+            cos = (dev * ref_dev).sum(1) / (np.linalg.norm(dev, axis=1) * np.linalg.norm(ref_dev, axis=1))
+            got = retrieval_metrics(
+                images @ texts(runner, test.flat_captions()).T, test.caption_image_index()
+            )
+            speed = 1.0 if name == "FP32" else paired_speedup(runners["FP32"], runner, speed_feeds, repeats)
+            rows.append(
+                {
+                    "variant": name,
+                    "text_error": float(1 - cos.mean()),
+                    "i2t_R@1_drop": round(ref["i2t_R@1"] - got["i2t_R@1"], 2),
+                    "t2i_R@1_drop": round(ref["t2i_R@1"] - got["t2i_R@1"], 2),
+                    "speedup_b64": round(speed, 2),
+                    "size_mb": round(os.path.getsize(variants[name]) / 2**20, 1),
+                }
+            )
+    return rows, ranges
+
+
+def write(out: Path, rows: list[dict], ranges: list[dict], threads: int) -> None:
+    import onnxruntime as ort
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, table in (("int8_outliers.csv", rows), ("int8_outliers_ranges.csv", ranges)):
+        with open(out / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, list(table[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(table)
+    ratio = [r["absmax_all_tokens"] / r["absmax_without_first"] for r in ranges]
+    lines = [
+        f"CPU: {cpu_model()}, {os.cpu_count()} logical cores; ONNX Runtime {ort.__version__}, "
+        f"{threads} intra-op threads; text tower at batch 64, speed-up against FP32 timed alternately "
+        "in the same run.",
+        "",
+        f"Range of the {len(ranges)} token MatMul inputs over 64 dev captions: the largest |x| is "
+        f"{np.median(ratio):.1f}x (median; {min(ratio):.1f}-{max(ratio):.1f}x) the largest without the first "
+        "token.",
+        "",
+        "| variant | text error (1 - cos) | test i2t R@1 drop | test t2i R@1 drop | x FP32 (batch 64) | MB |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {r['variant']} | {r['text_error']:.1e} | {r['i2t_R@1_drop']:.2f} | {r['t2i_R@1_drop']:.2f} | "
+            f"{r['speedup_b64']:.2f} | {r['size_mb']} |"
+            for r in rows
+        ),
+    ]
+    (out / "int8_outliers.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m xmr.perf.int8_outliers", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("artifact", type=Path, help="an image-text artifact (e.g. the MiniLM one)")
+    parser.add_argument("--out", type=Path, default=Path("perf/figures"))
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs of each graph")
+    parser.add_argument("--dev-items", type=int, default=200, help="val images whose captions measure error")
+    args = parser.parse_args(argv)
+    rows, ranges = measure(args.artifact, args.threads, args.repeats, args.dev_items)
+    write(args.out, rows, ranges, args.threads)
+    print((args.out / "int8_outliers.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
