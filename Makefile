@@ -24,9 +24,9 @@ test: $(STAMP)  ## unit tests + the real-server integration tests
 bench: $(STAMP)  ## perf_analyzer against the served text_search vs the in-process pipeline (needs `make demo` first)
 	$(BIN)/python -m xmr.perf.bench_text_search artifacts/demo --out perf/results
 
-soak: $(STAMP)  ## 10-minute Locust soak of the served ensembles over gRPC (needs `make demo` first; not in `make test`)
+soak: $(STAMP)  ## 10-minute Locust soak over gRPC, good traffic mixed with bad requests that must be refused (needs `make demo`; not in `make test`)
 	@test -f build/repository/manifest.json || { echo "no build/repository: run make demo first"; exit 1; }
-	$(BIN)/xmr load build/repository --users 16 --spawn-rate 4 --soak --out perf/results/soak
+	$(BIN)/xmr load build/repository --users 16 --spawn-rate 4 --soak --hostile 1 --out perf/results/soak
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -347,6 +347,9 @@ def load(
         None, help="ENSEMBLE=W task weight, repeatable (default 1 for every served ensemble; 0 skips it)"
     ),
     soak: bool = typer.Option(False, help="a soak test: 10 minutes unless --run-time says otherwise"),
+    hostile: int = typer.Option(
+        0, min=0, help="weight of a task of bad requests that must be refused (INVALID_ARGUMENT); 0: none"
+    ),
     out: Path | None = typer.Option(None, help="report folder (default perf/results/load, .../soak)"),
     captions: Path | None = typer.Option(None, help="text file of captions, one a line (default: Shapes)"),
 ):
@@ -361,6 +364,7 @@ def load(
         run_time_s=parse_run_time(run_time, soak),
         weights=parse_weights(weight),
         soak=soak,
+        hostile=hostile,
         captions=captions,
     )
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops Locust and the server as cleanly as Ctrl-C

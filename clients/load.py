@@ -22,6 +22,14 @@ new ensemble is one entry. Served ensembles without an entry are skipped (and re
 entry point that is one model rather than an ensemble (the cpu target's `text_search`, one python model with
 the ensemble's I/O) is loaded like an ensemble when it has an entry: what counts is the name and its spec.
 
+Hostile traffic (`--hostile W`, what `make soak` mixes in): a task of weight W sends requests that the
+server must refuse with INVALID_ARGUMENT, built from each loaded ensemble's recipe with one input spoiled
+(`HOSTILE`: an empty text, a top_k of 0, an unknown video id, a mask with no real frame). Locust counts
+such a request as a success when it is refused as expected (under `<ensemble> (hostile)`), as a failure
+when it is answered or refused otherwise; every good request's answer is compared with its answer before
+the load (the locustfile's reference), and a changed answer is a failure. So a run is `ok` only when no
+good request failed or changed and every hostile one was refused, each naming its input.
+
 This module imports neither Locust (which monkey-patches the process with gevent) nor anything heavy at
 import time: the locustfile imports it for the recipes.
 """
@@ -74,6 +82,17 @@ RECIPES: dict[str, Recipe] = {
     "video_embed": Recipe(sizes={"frames": DEFAULT_DIM}),
     "moment_search": Recipe(),
 }
+
+
+# ensemble -> the spoilt variants of its recipe's requests ({input: filler}), sent by the hostile task
+HOSTILE: dict[str, tuple[Mapping[str, str], ...]] = {
+    "text_search": ({"text": "empty_text"}, {"top_k": "zeros"}, {"text": "oversize_text"}),
+    "text_video_search": ({"text": "empty_text"}, {"top_k": "zeros"}),
+    "moment_search": ({"video_id": "unknown_id"}, {"text": "invalid_utf8"}, {"top_k": "zeros"}),
+    "video_embed": ({"frame_mask": "zeros"},),
+}
+HOSTILE_SUFFIX = " (hostile)"  # the Locust name of an ensemble's hostile requests
+HOSTILE_STATUS = "StatusCode.INVALID_ARGUMENT"
 
 
 # ----------------------------------------------------------------------------- options
@@ -230,6 +249,22 @@ def _normal(t, shape, i, content):
     return np.random.default_rng(i).standard_normal(shape).astype(t.numpy_dtype)
 
 
+def _empty_text(t, shape, i, content):
+    return np.full(shape, b"", dtype=object)
+
+
+def _oversize_text(t, shape, i, content):
+    return np.full(shape, b"a red circle " * 512, dtype=object)  # 6.5 KB, over the 4 KB max_bytes
+
+
+def _invalid_utf8(t, shape, i, content):
+    return np.full(shape, b"\xff\xfe a red circle", dtype=object)
+
+
+def _unknown_id(t, shape, i, content):
+    return np.full(shape, 10**12 + i, dtype=t.numpy_dtype)
+
+
 FILLERS = {
     "caption": _caption,
     "image": _image,
@@ -237,6 +272,11 @@ FILLERS = {
     "ones": _ones,
     "zeros": _zeros,
     "normal": _normal,
+    # hostile ones (HOSTILE)
+    "empty_text": _empty_text,
+    "oversize_text": _oversize_text,
+    "invalid_utf8": _invalid_utf8,
+    "unknown_id": _unknown_id,
 }
 
 
@@ -287,6 +327,38 @@ def build_requests(manifest: dict, names, content: Content, n: int = POOL) -> di
     return out
 
 
+def build_hostile(manifest: dict, names, content: Content, n: int = POOL) -> dict[str, list[dict]]:
+    """{ensemble: n requests the server must refuse}: its recipe's requests, each with the inputs of one
+    of its HOSTILE variants (in turn) spoilt. Ensembles without a HOSTILE entry get none."""
+    from xmr.export.iospec import ModelSpec
+
+    names = [name for name in names if name in HOSTILE]
+    out = {}
+    for name, requests in build_requests(manifest, names, content, n).items():
+        spec = ModelSpec.from_dict(manifest["specs"][name])
+        for i, request in enumerate(requests):
+            for input_name, filler in HOSTILE[name][i % len(HOSTILE[name])].items():
+                t = spec.input(input_name)
+                array, dtype = request[input_name]
+                request[input_name] = (FILLERS[filler](t, list(array.shape), i, content), dtype)
+        out[name] = requests
+    return out
+
+
+def same_answer(got: dict[str, np.ndarray], want: dict[str, np.ndarray], atol: float = 1e-4) -> str | None:
+    """None when two answers of one request agree (integers exactly, floats within `atol`), else the
+    first output that differs."""
+    for name, value in want.items():
+        other = got.get(name)
+        if other is None or other.shape != value.shape:
+            return name
+        if value.dtype.kind in "iub" and not np.array_equal(other, value):
+            return name
+        if value.dtype.kind == "f" and not np.allclose(other, value, atol=atol, rtol=0):
+            return name
+    return None
+
+
 def infer_inputs(tc, request: dict) -> list:
     """tritonclient InferInputs (`tc`: tritonclient.grpc or .http) of one built request."""
     inputs = []
@@ -298,10 +370,16 @@ def infer_inputs(tc, request: dict) -> list:
 
 
 def read_manifest(repository: Path) -> dict:
-    path = Path(repository) / "manifest.json"
-    if not path.is_file():
+    """The repository's manifest.json (a one-artifact repository's), its `specs` the served models' specs
+    of serving.json where there is one (a video or moment artifact's manifest lists its graphs' specs; a
+    repository of several artifacts has serving.json alone)."""
+    path, serving = Path(repository) / "manifest.json", Path(repository) / "serving.json"
+    if not path.is_file() and not serving.is_file():
         raise InputError(f"{repository} has no manifest.json; build the repository with `xmr repo`")
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    if serving.is_file():
+        manifest = {**manifest, "specs": json.loads(serving.read_text())["specs"]}
+    return manifest
 
 
 # ----------------------------------------------------------------------------- the run
@@ -316,6 +394,7 @@ class LoadConfig:
     run_time_s: int = RUN_TIME_S
     weights: dict[str, int] = field(default_factory=dict)
     soak: bool = False
+    hostile: int = 0  # weight of the hostile task (HOSTILE), 0: none
     captions: Path | None = None
     memory_interval_s: float | None = None  # default: 2 s, 5 s for a soak
     progress_every_s: float = 10.0
@@ -375,12 +454,21 @@ def locust_command(cfg: LoadConfig, grpc_url: str, plan: Mapping[str, int]) -> l
     ]
     if cfg.captions is not None:
         cmd += ["--xmr-captions", str(Path(cfg.captions).resolve())]
+    if cfg.hostile:
+        cmd += ["--xmr-hostile", str(cfg.hostile)]
     return cmd
 
 
-def preflight(grpc_url: str, manifest: dict, plan: Mapping[str, int], content: Content, n: int = 3) -> None:
-    """Every planned ensemble answers its recipe's first requests (this also warms the models up);
-    ServerError with the server's message otherwise."""
+def preflight(
+    grpc_url: str,
+    manifest: dict,
+    plan: Mapping[str, int],
+    content: Content,
+    n: int = 3,
+    hostile: bool = False,
+) -> None:
+    """Every planned ensemble answers its recipe's first requests (this also warms the models up), and
+    with `hostile` refuses each of its HOSTILE variants with INVALID_ARGUMENT; ServerError otherwise."""
     import tritonclient.grpc as tc
     from tritonclient.utils import InferenceServerException
 
@@ -396,6 +484,22 @@ def preflight(grpc_url: str, manifest: dict, plan: Mapping[str, int], content: C
                     raise ServerError(
                         f"{name} refused a load-test request built by RECIPES[{name!r}]: {e.message()}"
                     ) from e
+        spoilt = (
+            build_hostile(manifest, plan, content, max(len(v) for v in HOSTILE.values())) if hostile else {}
+        )
+        for name, requests in spoilt.items():
+            for request in requests:
+                try:
+                    client.infer(name, infer_inputs(tc, request), client_timeout=CLIENT_TIMEOUT_S)
+                except InferenceServerException as e:
+                    if str(e.status()) == HOSTILE_STATUS:
+                        continue
+                    raise ServerError(
+                        f"{name} refused a hostile request with {e.status()}: {e.message()}"
+                    ) from e
+                raise ServerError(
+                    f"{name} answered a hostile request (HOSTILE[{name!r}]) instead of refusing it"
+                )
     finally:
         client.close()
 
@@ -467,7 +571,7 @@ def run_load(cfg: LoadConfig, console=None) -> dict:
     try:
         server.start()
         console.print(f"tritonserver ready on gRPC {server.grpc_url} (log: {server.log_path})")
-        preflight(server.grpc_url, manifest, plan, content)
+        preflight(server.grpc_url, manifest, plan, content, hostile=cfg.hostile > 0)
         interval = cfg.memory_interval_s or (5.0 if cfg.soak else 2.0)
         sampler = MemorySampler(server.pid, interval)  # the tritonserver process
         sampler.start()
@@ -589,7 +693,8 @@ def summarize(out: Path, cfg: LoadConfig, plan, skipped, memory_rows, started: f
     stats = {r["Name"]: r for r in _read_csv(out / f"{PREFIX}_stats.csv")}
     samples = read_samples(out / f"{PREFIX}_samples.npz")
     ensembles = {}
-    for name in [*plan, "Aggregated"]:
+    hostile = [f"{n}{HOSTILE_SUFFIX}" for n in plan if n in HOSTILE] if cfg.hostile else []
+    for name in [*plan, *hostile, "Aggregated"]:
         row = stats.get(name)
         if row is None:
             continue
@@ -631,7 +736,14 @@ def summarize(out: Path, cfg: LoadConfig, plan, skipped, memory_rows, started: f
             for t, own, all_ in memory_rows:
                 w.writerow([f"{t:.1f}", f"{t - started:.1f}", f"{own:.1f}", f"{all_:.1f}"])
     total = ensembles.get("total", {"requests": 0, "failures": 0})
+    spoilt = [ensembles[n] for n in hostile if n in ensembles]
     return {
+        "hostile": {
+            "weight": cfg.hostile,
+            "requests": sum(e["requests"] for e in spoilt),
+            "refused_as_expected": sum(e["requests"] - e["failures"] for e in spoilt),
+            "unexpected": sum(e["failures"] for e in spoilt),
+        },
         "repository": str(Path(cfg.repository).resolve()),
         "users": cfg.users,
         "spawn_rate": cfg.spawn_rate,
@@ -676,6 +788,12 @@ def summary_table(summary: dict):
         + (" (soak)" if summary["soak"] else "")
         + f": {'no failures' if summary['ok'] else 'FAILURES'}"
     )
+    spoilt = summary.get("hostile") or {}
+    if spoilt.get("requests"):
+        title += (
+            f"; hostile: {spoilt['refused_as_expected']:,} of {spoilt['requests']:,} refused "
+            "with INVALID_ARGUMENT"
+        )
     table = Table(title=title)
     for col in ("ensemble", "weight", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms"):
         table.add_column(col, justify="left" if col == "ensemble" else "right")

@@ -24,6 +24,28 @@ Process hygiene, the server's life tied to ours:
   serving an outage behind green health checks.
 
 Every endpoint binds to 127.0.0.1 unless another address is asked for explicitly.
+
+Serving checks the repository first: `start()` verifies its artifact files (weights, gallery, clip store)
+against the sha256 record `xmr repo` wrote in serving.json (`repository.verify_repository`) and refuses a
+corrupted one with an InputError naming the file, before the server starts (each python model checks
+its own files again at load, for a server started without this wrapper).
+
+Stopping: `--exit-timeout-secs` (EXIT_TIMEOUT_S) bounds how long a graceful stop waits for in-flight
+requests and for the models to unload. Triton 2.51's ensemble scheduler leaks one in-flight count per
+ensemble request in which one of two parallel steps failed while the other was still running (the
+`moment_search` ensemble: the tokenizer and the clip store run in parallel; a bad text or an unknown
+video id): once the first step's error is sent, the other step's completion is dropped without
+releasing the request (core `EnsembleContext::PrepareSteps` skips `UpdateEnsembleState` once the
+ensemble status is an error), so the server counts that request in flight forever and a graceful stop
+waited out Triton's default 30 s. The same path now and then crashes the server (SIGSEGV), which is why
+the cpu target serves `moment_search` as one python model (`repository.FORMS`); the gpu target's
+ensemble keeps the problem. Our requests take milliseconds, so a few seconds of drain are plenty.
+
+Limits Triton 2.51 does not have (checked with `tritonserver --help`): no request size limit on HTTP (no
+`--http-max-input-size`; it arrived in later releases) and none configurable on gRPC (the server accepts
+messages up to 2 GiB); no limit on the decompressed size of a gzip/deflate HTTP body. Oversize inputs are
+refused by the served models, as early as the python backend lets them (`adapters`: a text's bytes before
+it is decoded), after Triton has read and copied the request.
 """
 
 from __future__ import annotations
@@ -49,6 +71,7 @@ SHM_PREFIX = "xmr_triton_"  # + owner pid + "_": the python backend's shared-mem
 SHM_DIR = Path("/dev/shm")
 PR_SET_PDEATHSIG = 1
 STUB = "triton_python_backend_stub"
+EXIT_TIMEOUT_S = 5  # graceful stop: how long Triton waits for in-flight requests (see the docstring)
 
 
 class ServerError(RuntimeError):
@@ -120,6 +143,17 @@ def remove_stale_shm(shm_dir: Path = SHM_DIR) -> list[str]:
     return removed
 
 
+def verify(repository: Path) -> int:
+    """Check a repository written by `xmr repo` against the sha256 record of its serving.json; InputError
+    naming the first artifact file that differs (one line: the file, its size or hash, what is expected).
+    A repository without serving.json (not ours) is not checked. Returns the number of files checked."""
+    from xmr.export.manifest import SERVING, verify_repository
+
+    if not (Path(repository) / SERVING).is_file():
+        return 0
+    return verify_repository(Path(repository))
+
+
 def make_backend_dir(dest: Path) -> Path:
     """Lay out `dest/python/` with the python backend and the stub for this interpreter's version."""
     root = _pytriton_root() / "tritonserver"
@@ -151,6 +185,7 @@ class TritonServer:
     metrics_port: int | None = None  # None: metrics off
     log_path: Path | None = None  # server output; default: a file in the work dir, removed at stop
     verbose: bool = False
+    exit_timeout_s: int = EXIT_TIMEOUT_S
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _workdir: Path | None = field(default=None, init=False, repr=False)
     _stubs: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # pid -> model, once seen
@@ -181,6 +216,7 @@ class TritonServer:
             "--allow-vertex-ai=false",
             "--strict-readiness=true",
             "--exit-on-error=true",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={1 if self.verbose else 0}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
@@ -202,6 +238,7 @@ class TritonServer:
         repo = Path(self.repository)
         if not repo.is_dir():
             raise InputError(f"model repository {repo} does not exist; build one with `xmr repo`")
+        verify(repo)
         remove_stale_shm()
         self.grpc_port = self.grpc_port or free_port(self.host)
         self.http_port = self.http_port or free_port(self.host)
@@ -350,12 +387,14 @@ class TritonServer:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGINT (Triton's graceful shutdown), then SIGKILL to the whole process group if it hangs."""
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGINT (Triton's graceful shutdown: in-flight requests get `exit_timeout_s`, then the models
+        unload), then SIGKILL to the whole process group if it hangs past `timeout_s` (default: the exit
+        timeout and 10 s to unload)."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGINT)
             try:
-                self._proc.wait(timeout_s)
+                self._proc.wait(self.exit_timeout_s + 10.0 if timeout_s is None else timeout_s)
             except subprocess.TimeoutExpired:
                 pass
         self._kill_group()  # a hung server, or stubs outliving it

@@ -13,6 +13,7 @@ from pathlib import Path
 from xmr.models.errors import InputError
 
 MANIFEST = "manifest.json"
+SERVING = "serving.json"  # a built repository's index (`repository.serving_index`)
 
 
 def sha256(path: Path) -> str:
@@ -45,6 +46,53 @@ def verify_artifacts(artifacts: Path, manifest: dict) -> None:
             raise InputError(f"artifact {path} is missing (listed in {artifacts}/manifest.json)")
         if sha256(path) != facts["sha256"]:
             raise InputError(f"artifact {path} is corrupted: its sha256 differs from manifest.json")
+
+
+def read_serving(repository: Path) -> dict:
+    """The `serving.json` of a repository written by `build_repository`."""
+    path = Path(repository) / SERVING
+    if not path.is_file():
+        raise InputError(f"{repository} has no {SERVING}; build the repository with `xmr repo`")
+    return json.loads(path.read_text())
+
+
+# A built repository's files against the record `xmr repo` wrote in its serving.json (`file_record` of
+# repository.py); here, beside the artifacts' own check: the served models run it at load, and importing
+# repository.py would load torch into every python-backend stub.
+
+
+def check_file(repository: Path, rel: str, facts: dict) -> None:
+    """InputError in one line naming the file and what it should be, unless `repository/rel` matches
+    its record (size first, then sha256)."""
+    path = Path(repository) / rel
+    want = f"expected {facts['bytes']} bytes with sha256 {facts['sha256'][:16]}..."
+    fix = "rebuild the repository with `xmr repo`"
+    if not path.is_file():
+        raise InputError(f"repository file {path} is missing; {want} ({SERVING}); {fix}")
+    size = path.stat().st_size
+    if size != facts["bytes"]:
+        raise InputError(
+            f"repository file {path} is corrupted: {size} bytes; {want} ({SERVING}, truncated or "
+            f"replaced); {fix}"
+        )
+    digest = sha256(path)
+    if digest != facts["sha256"]:
+        raise InputError(
+            f"repository file {path} is corrupted: sha256 {digest[:16]}...; {want} ({SERVING}); {fix}"
+        )
+
+
+def verify_repository(repository: Path, model: str | None = None) -> int:
+    """Check the repository's artifact files (or those of `model` alone) against the record `xmr repo`
+    wrote in serving.json; InputError naming the first that differs. Returns how many were checked (0 for
+    a repository written before the record existed)."""
+    record = read_serving(repository).get("files", {})
+    checked = 0
+    for rel, facts in sorted(record.items()):
+        if model is None or rel.split("/", 1)[0] == model:
+            check_file(repository, rel, facts)
+            checked += 1
+    return checked
 
 
 def versions() -> dict[str, str]:

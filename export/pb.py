@@ -28,6 +28,17 @@ def setup(args: dict) -> tuple[Path, dict[str, str]]:
     return Path(args["model_repository"]) / args["model_version"], params
 
 
+def verify_files(folder: Path) -> None:
+    """Refuse to load a model whose artifact files differ from the record `xmr repo` wrote in the
+    repository's serving.json (a flipped byte, a truncated gallery): InputError naming the file, before
+    any of them is read. A repository without the record (older, or not written by `xmr repo`) passes."""
+    from xmr.export.manifest import SERVING, verify_repository
+
+    root = folder.parent.parent
+    if (root / SERVING).is_file():
+        verify_repository(root, folder.parent.name)
+
+
 def spec_from(folder: Path) -> ModelSpec:
     """The I/O spec written next to the model by `xmr repo` (spec.json)."""
     return ModelSpec.from_dict(json.loads((folder / "spec.json").read_text()))
@@ -57,23 +68,53 @@ def respond(result: dict[str, np.ndarray] | Exception):
     )
 
 
-def collect(requests, spec: ModelSpec) -> tuple[list[int], list[dict[str, np.ndarray]], list]:
-    """Read every request's inputs: (indices of readable requests, their inputs, a response slot list)."""
+def collect(
+    requests, spec: ModelSpec, check: Callable[[dict[str, np.ndarray]], object] | None = None
+) -> tuple[list[int], list[dict[str, np.ndarray]], list]:
+    """Read and check every request's inputs: (indices of the valid requests, their inputs, a response
+    slot list holding each invalid request's error)."""
     slots: list = [None] * len(requests)
     ok, inputs = [], []
     for i, request in enumerate(requests):
         try:
-            inputs.append(read_inputs(request, spec))
-            ok.append(i)
-        except InputError as e:
+            x = read_inputs(request, spec)
+            if check is not None:
+                check(x)
+        except ValueError as e:  # InputError, and numpy's own complaints about a malformed tensor
             slots[i] = e
+            continue
+        inputs.append(x)
+        ok.append(i)
     return ok, inputs, slots
 
 
-def answer(requests, spec: ModelSpec, run: Callable[[list[dict[str, np.ndarray]]], list]) -> list:
-    """One response per request: `run` gets the inputs of every readable request at once and returns a
-    result (outputs by name, or that request's error) for each; unreadable requests get their read error."""
-    ok, inputs, slots = collect(requests, spec)
-    for i, result in zip(ok, run(inputs) if inputs else [], strict=True):
+def run_each(run: Callable[[list[dict[str, np.ndarray]]], list], inputs: list) -> list:
+    """`run` on the whole batch; if it raises (a bug, not a bad input: those come back as results), on
+    each request alone, so only the request that triggers it fails (INTERNAL), never its batch mates."""
+    try:
+        return run(inputs)
+    except Exception as e:  # noqa: BLE001
+        if len(inputs) == 1:
+            return [e]
+    results = []
+    for x in inputs:
+        try:
+            results += run([x])
+        except Exception as e:  # noqa: BLE001
+            results.append(e)
+    return results
+
+
+def answer(
+    requests,
+    spec: ModelSpec,
+    run: Callable[[list[dict[str, np.ndarray]]], list],
+    check: Callable[[dict[str, np.ndarray]], object] | None = None,
+) -> list:
+    """One response per request: every request's inputs are read and checked (`check`, the model's
+    boundary: dtype, finiteness, bounds) on their own; `run` gets the valid ones at once and returns a
+    result (outputs by name, or that request's error) for each; invalid requests get their error."""
+    ok, inputs, slots = collect(requests, spec, check)
+    for i, result in zip(ok, run_each(run, inputs) if inputs else [], strict=True):
         slots[i] = result
     return [respond(r) for r in slots]

@@ -4,7 +4,8 @@ What is served is data: `MODELS` is the table of served models (python-backend a
 the artifact files of its version folder, dynamic batching) and `ENSEMBLES` the table of ensembles, each a
 tuple of `Step`s (model, input map, output map). A name with a row in both tables takes, per target, the form
 `FORMS` says: `text_search` is the one-hop python model `TextSearchModel` on the cpu target and the
-tokenizer -> text_encoder -> gallery_topk ensemble on the gpu target (`serves_as`). Serving another model
+tokenizer -> text_encoder -> gallery_topk ensemble on the gpu target (`serves_as`); `text_video_search` and
+`moment_search` likewise. Serving another model
 family is adding rows.
 `build_repository` renders every `config.pbtxt` from these tables and the artifacts' manifests (their I/O
 specs and preprocessing facts), writes each python model's `model.py` (a one-line shim importing its
@@ -23,11 +24,19 @@ under names that say what they hold (`served_specs`, rendered from the I/O specs
   `video_gallery_topk`, FAISS over the export's `gallery.npy`) and `video_embed` (-> `video_encoder`);
   ProTA serves its first stage (the global video embedding), not the pair scorer;
 - moments (cdnet): `moment_search` (text + video id -> `moment_tokenizer`, `moment_clips` (the export's
-  `clip_features.npz`) -> `moment_model` -> `moment_postprocess`: top-k [start_s, end_s, score]).
+  `clip_features.npz`) -> `moment_model` -> `moment_postprocess`: top-k [start_s, end_s, score]); on the
+  cpu target it is one python model (`MomentSearchModel`), its composing models served beside it: in the
+  ensemble the tokenizer and the clip store run in parallel, and Triton 2.51's ensemble scheduler
+  mishandles a request whose parallel step fails while the other runs (it never releases the request,
+  and now and then crashes the server), which any bad text or unknown video id triggers.
 A step's input and output maps may name tensors that only some artifacts of a family have (ViSERN's
 `regions`, ProTA's `frames`, CDNet's optional `grid`): a map entry is rendered only where the served
 model's spec has that tensor. The repository root holds `serving.json` (every served model's spec, its
-family, each artifact's folder) and, for a one-artifact repository, that artifact's `manifest.json`.
+family, each artifact's folder, and the sha256 record of every artifact file copied in, which serving
+verifies) and, for a one-artifact repository, that artifact's `manifest.json`. Each python model's
+version folder holds `bounds.json`: the limits on its inputs derived from its artifact (`input_bounds`:
+the vocabulary, the pixel range, a query's norm, text bytes, token and clip counts, the clip store's
+feature range), which the model checks on every request before running it.
 
 `model_repository/` (committed) is the repository rendered for the default preset (configs and shims, no
 artifacts); `python -m xmr.export.repository` (`make configs`) re-renders it and a test fails if it drifts.
@@ -75,7 +84,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from xmr.export.iospec import ModelSpec, image_text_specs, moment_serving_specs, video_serving_specs
-from xmr.export.manifest import read_manifest, verify_artifacts
+from xmr.export.manifest import (  # noqa: F401 (SERVING, read_serving, verify_repository: re-exported)
+    SERVING,
+    read_manifest,
+    read_serving,
+    sha256,
+    verify_artifacts,
+    verify_repository,
+)
+from xmr.export.runners import BOUNDS, Bound
 from xmr.models.checkpoint import atomic_dir
 from xmr.models.errors import InputError
 
@@ -84,6 +101,7 @@ COMMITTED = Path(__file__).resolve().parent.parent / "model_repository"
 TARGETS = ("cpu", "gpu")
 MAX_BATCH = 64
 QUEUE_DELAY_US = 0  # dynamic batching: batch what is queued, never wait to fill (see the docstring)
+MOMENT_NMS_IOU = "0.7"  # moment_postprocess's and the one-hop moment_search's NMS threshold
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,7 @@ class Served:
     dynamic_batching: bool = False
     onnx_on_gpu: bool = False
     specs: Mapping[str, str] = field(default_factory=dict)
+    instances: int = 1  # python-model instances (stub processes): dynamic batches that can run at once
 
     def engine(self) -> str:
         """The artifact name of this tower's TensorRT engine."""
@@ -134,6 +153,12 @@ def onnx_tower(artifact: str) -> Served:
         "OnnxModel", {"threads": "1"}, {"model.onnx": artifact}, dynamic_batching=True, onnx_on_gpu=True
     )
 
+
+# Instances of the cpu target's one-hop text searches. Each hosts a one-thread ONNX Runtime session, so one
+# instance keeps one core busy however many clients wait; two let two dynamic batches run at once (the
+# in-process pipeline they are measured against runs concurrent callers on every core). Two is the
+# development machine's core count: raise `count` in config.pbtxt on a larger CPU.
+SEARCH_INSTANCES = 2
 
 MODELS: dict[str, Served] = {
     "tokenizer": Served(
@@ -174,7 +199,25 @@ MODELS: dict[str, Served] = {
     ),
     "moment_clips": Served("ClipStoreModel", {}, {"clip_features.npz": "clip_features.npz"}),
     "moment_model": onnx_tower("moment_model.onnx"),
-    "moment_postprocess": Served("MomentPostprocessModel", {"nms_iou": "0.7"}),
+    "moment_postprocess": Served("MomentPostprocessModel", {"nms_iou": MOMENT_NMS_IOU}),
+    # the cpu target's moment_search (FORMS): tokenizer + clip store + moment graph + post-processing in one
+    # python model; Triton 2.51 mishandles the ensemble's parallel steps when one fails (see the docstring)
+    "moment_search": Served(
+        "MomentSearchModel",
+        {
+            "max_tokens": Fact("max_tokens"),
+            "max_bytes": Fact("max_bytes"),
+            "threads": "1",
+            "nms_iou": MOMENT_NMS_IOU,
+        },
+        {
+            "tokenizer.json": "tokenizer.json",
+            "model.onnx": "moment_model.onnx",
+            "clip_features.npz": "clip_features.npz",
+        },
+        dynamic_batching=True,
+        specs={"moment_model.spec.json": "moment_model"},
+    ),
     # the cpu target's text_search (FORMS): tokenizer + text tower + gallery top-k in one python model
     "text_search": Served(
         "TextSearchModel",
@@ -193,6 +236,28 @@ MODELS: dict[str, Served] = {
         },
         dynamic_batching=True,
         specs={"text_encoder.spec.json": "text_encoder"},
+        instances=SEARCH_INSTANCES,
+    ),
+    # the cpu target's text_video_search (FORMS): the same one-hop model over the video family's tower and
+    # video gallery
+    "text_video_search": Served(
+        "TextSearchModel",
+        {
+            "max_tokens": Fact("max_tokens"),
+            "max_bytes": Fact("max_bytes"),
+            "threads": "1",
+            "index": "flat",
+            "max_k": "1000",
+        },
+        {
+            "tokenizer.json": "tokenizer.json",
+            "model.onnx": "text_encoder.onnx",
+            "gallery.npy": "gallery.npy",
+            "gallery_ids.npy": "gallery_ids.npy",
+        },
+        dynamic_batching=True,
+        specs={"text_encoder.spec.json": "video_text_encoder"},
+        instances=SEARCH_INSTANCES,
     ),
 }
 
@@ -257,7 +322,11 @@ ENSEMBLES: dict[str, tuple[Step, ...]] = {
 
 # {name: {target: "model" (its MODELS row) or "ensemble" (its ENSEMBLES row)}} for a name with both rows;
 # any other name takes the form of the one table that has it, on every target
-FORMS: dict[str, dict[str, str]] = {"text_search": {"cpu": "model", "gpu": "ensemble"}}
+FORMS: dict[str, dict[str, str]] = {
+    "text_search": {"cpu": "model", "gpu": "ensemble"},
+    "moment_search": {"cpu": "model", "gpu": "ensemble"},
+    "text_video_search": {"cpu": "model", "gpu": "ensemble"},
+}
 
 # the manifest's `model` -> its family; a repository holds at most one artifact of each family
 FAMILIES: dict[str, str] = {"rvse": "image_text", "visern": "video", "prota": "video", "cdnet": "moments"}
@@ -318,6 +387,7 @@ def model_config(
     gpu: bool = False,
     dynamic_batching: bool = False,
     max_batch: int = MAX_BATCH,
+    instances: int = 1,
 ):
     pb2 = _pb2()
     cfg = pb2.ModelConfig(name=spec.name, max_batch_size=max_batch)
@@ -330,7 +400,7 @@ def model_config(
     _add_tensors(cfg.output, spec.outputs, reshape=platform != "ensemble")
     if platform != "ensemble":
         kind = pb2.ModelInstanceGroup.KIND_GPU if gpu else pb2.ModelInstanceGroup.KIND_CPU
-        cfg.instance_group.add(kind=kind, count=1)
+        cfg.instance_group.add(kind=kind, count=instances)
     if dynamic_batching:  # rendered `dynamic_batching { }` when the delay is 0 (protobuf omits defaults)
         cfg.dynamic_batching.SetInParent()
         cfg.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
@@ -460,7 +530,9 @@ def repository_configs(
         if python_model(name, target):
             if "model.onnx" in served.files:  # it hosts ONNX Runtime
                 check_stock_ops(name, manifest)
-            configs[name] = model_config(spec, parameters(served, manifest), dynamic_batching=batching)
+            configs[name] = model_config(
+                spec, parameters(served, manifest), dynamic_batching=batching, instances=served.instances
+            )
         elif name in engines:
             configs[name] = model_config(
                 spec,
@@ -591,6 +663,114 @@ def sources(artifacts: Sequence[Path], target: str) -> list[Source]:
     return found
 
 
+# ----------------------------------------------------------------------------- input bounds
+
+PIXEL_SLACK = 1e-3  # float32 rounding of (x/255 - mean)/std at the ends of the range, relative to the range
+QUERY_NORM_FACTOR = 10.0  # a query's norm within 1/10..10 times the gallery's row norms (unit vectors)
+
+
+def _pixel_bounds(tensor: str, pre: dict) -> list[Bound]:
+    """uint8 pixels normalised as `preprocess_images` does: (x/255 - mean)/std per channel, x in 0..255."""
+    if "pixel_mean" not in pre or "pixel_std" not in pre:
+        return []
+    ends = [(-m / s, (1 - m) / s) for m, s in zip(pre["pixel_mean"], pre["pixel_std"], strict=True)]
+    lo, hi = min(min(e) for e in ends), max(max(e) for e in ends)
+    slack = PIXEL_SLACK * (hi - lo)
+    why = f"uint8 pixels normalised by (x/255 - mean)/std, mean {pre['pixel_mean']}, std {pre['pixel_std']}"
+    return [Bound(tensor, round(lo - slack, 6), round(hi + slack, 6), why=why)]
+
+
+def _feature_range(values, what: str) -> tuple[float, float, str]:
+    """The range of a set of features, widened by its own width either side: a direct caller's features of
+    another video may stray outside the store's, but not by orders of magnitude."""
+    import numpy as np
+
+    lo, hi = float(np.min(values)), float(np.max(values))
+    width = max(hi - lo, 1e-6)
+    return round(lo - width, 6), round(hi + width, 6), f"{what}: {lo:.4g}..{hi:.4g}, widened by its width"
+
+
+def _row_norms(path: Path):
+    """The L2 norm of each row of a (N, D) .npy, read in chunks (a gallery may be large)."""
+    import numpy as np
+
+    rows, step = np.load(path, mmap_mode="r"), 65536
+    chunks = (np.asarray(rows[i : i + step], np.float64) for i in range(0, len(rows), step))
+    return np.concatenate([np.linalg.norm(c, axis=1) for c in chunks])
+
+
+def input_bounds(spec: ModelSpec, manifest: dict, folder: Path) -> list[Bound]:
+    """The bounds of a served python model's inputs, derived from its artifact: the manifest's model
+    config (vocabulary size, token and clip maxima) and preprocessing (text bytes, pixel mean and std,
+    explicit `ranges`), and its data files (the gallery's norms, the clip store's features and durations).
+
+    Rules go by tensor name, as `check_feeds` does for token ids; where no rule applies an input is
+    checked for dtype and finiteness only. A manifest's `preprocessing.ranges` ({tensor: [lo, hi]}) bounds
+    any float input it names (e.g. a video export recording its features' range)."""
+    import numpy as np
+
+    config, pre = manifest.get("model_config") or {}, manifest.get("preprocessing") or {}
+    names = set(spec.input_names)
+    out: list[Bound] = []
+    for t in spec.inputs:
+        if t.name in (pre.get("ranges") or {}):
+            lo, hi = pre["ranges"][t.name]
+            out.append(Bound(t.name, lo, hi, why="the range recorded in the manifest's preprocessing"))
+        if t.dtype == "bool" and t.name.endswith("_mask"):
+            what = t.name.removesuffix("_mask")
+            out.append(Bound(t.name, 1, None, of="true", why=f"a row marks at least one real {what}"))
+        if t.dtype == "bytes" and "max_bytes" in pre:
+            out.append(Bound(t.name, None, int(pre["max_bytes"]), of="bytes"))
+    if "input_ids" in names and "vocab_size" in config:
+        vocab = int(config["vocab_size"])
+        out.append(Bound("input_ids", 0, vocab - 1, why=f"the vocabulary has {vocab} tokens"))
+    for t in spec.inputs:
+        if "tokens" in t.shape and ("max_tokens" in config or "max_tokens" in pre):
+            n = int(config.get("max_tokens", pre.get("max_tokens")))
+            out.append(Bound(t.name, None, n, of="tokens", why="the model's max_tokens"))
+        if "clips" in t.shape and "max_clips" in config:
+            out.append(Bound(t.name, None, int(config["max_clips"]), of="clips", why="the model's max_clips"))
+    if "pixel_values" in names:
+        out += _pixel_bounds("pixel_values", pre)
+    if "spans" in names:  # what `moments.postprocess` decodes: the head's sigmoid (center, width)
+        out.append(Bound("spans", 0.0, 1.0, why="normalised (center, width) spans"))
+    if "query_embedding" in names and (folder / "gallery.npy").is_file():
+        norms = _row_norms(folder / "gallery.npy")
+        lo, hi = float(norms.min()) / QUERY_NORM_FACTOR, float(norms.max()) * QUERY_NORM_FACTOR
+        why = f"an embedding like the gallery's, whose rows have norms {norms.min():.4g}..{norms.max():.4g}"
+        out.append(Bound("query_embedding", round(lo, 6), round(hi, 6), of="norm", why=why))
+    store = folder / "clip_features.npz"
+    if names & {"clips", "durations"} and store.is_file():
+        with np.load(store) as f:
+            if "clips" in names and "clips" in f.files:
+                lo, hi, why = _feature_range(f["clips"], "the clip store's features")
+                out.append(Bound("clips", lo, hi, why=why))
+            if "durations" in names:
+                d = f["durations"]
+                why = f"the clip store's videos last {d.min():.4g}..{d.max():.4g} s"
+                out.append(Bound("durations", None, float(d.max()), why=why))
+    return out
+
+
+# ----------------------------------------------------------------------------- the files' record
+
+
+def file_record(found: list[Source], target: str) -> dict[str, dict]:
+    """{path in the repository: {sha256, bytes, artifact}} of every artifact file copied into it: the
+    artifact manifest's own record (which `sources` verified), or the file's hash where the manifest lists
+    none (a TensorRT plan). What `verify_repository` and each served model check at load."""
+    record = {}
+    for s in found:
+        for name in s.models:
+            for dest, src in artifact_files(name, target, s.engines).items():
+                facts = (s.manifest.get("files") or {}).get(src)
+                if facts is None:
+                    path = s.folder / src
+                    facts = {"sha256": sha256(path), "bytes": path.stat().st_size}
+                record[f"{name}/1/{dest}"] = {**facts, "artifact": str((s.folder / src).resolve())}
+    return record
+
+
 def build_repository(artifacts: Path | Sequence[Path], out: Path, target: str = "cpu") -> Path:
     """Assemble `out` (replaced atomically) from one artifact folder or several (one per family) for
     `target`; returns `out`."""
@@ -606,18 +786,22 @@ def build_repository(artifacts: Path | Sequence[Path], out: Path, target: str = 
         for source in found:
             for path, text in source.texts.items():
                 (tmp / path).write_text(text)
+            specs = served_specs(source.manifest)
+            for name in source.models:
+                if python_model(name, target):
+                    bounds = input_bounds(specs[name], source.manifest, source.folder)
+                    text = json.dumps([b.to_dict() for b in bounds], indent=2)
+                    (tmp / name / "1" / BOUNDS).write_text(text)
         (tmp / SERVING).write_text(json.dumps(serving_index(found, target), indent=2, sort_keys=True))
         if len(found) == 1:
             (tmp / "manifest.json").write_text(json.dumps(found[0].manifest, indent=2, sort_keys=True))
     return Path(out)
 
 
-SERVING = "serving.json"
-
-
 def serving_index(found: list[Source], target: str) -> dict:
-    """`serving.json`: the target, each family's artifact (folder, model) and every served model's family
-    and spec: what clients (`xmr check`) and tests read to know what a repository serves."""
+    """`serving.json`: the target, each family's artifact (folder, model), every served model's family
+    and spec (what clients (`xmr check`) and tests read to know what a repository serves), and the record
+    of the artifact files copied in (`file_record`: what `verify_repository` checks at serve)."""
     specs = {}
     families = {}
     for s in found:
@@ -627,6 +811,7 @@ def serving_index(found: list[Source], target: str) -> dict:
             families[name] = s.family
     return {
         "target": target,
+        "files": file_record(found, target),
         "artifacts": {
             s.family: {"folder": str(s.folder.resolve()), "model": s.manifest.get("model", "rvse")}
             for s in found
@@ -634,14 +819,6 @@ def serving_index(found: list[Source], target: str) -> dict:
         "families": families,
         "specs": specs,
     }
-
-
-def read_serving(repository: Path) -> dict:
-    """The `serving.json` of a repository written by `build_repository`."""
-    path = Path(repository) / SERVING
-    if not path.is_file():
-        raise InputError(f"{repository} has no {SERVING}; build the repository with `xmr repo`")
-    return json.loads(path.read_text())
 
 
 def add_ensemble_form(repository: Path, name: str, served_name: str | None = None) -> Path:

@@ -15,7 +15,9 @@ Each backend's library is imported when a runner of it is built, not with this m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -64,6 +66,130 @@ def check_feeds(spec: ModelSpec, feeds: Feeds) -> Feeds:
                 "(the number of tokens in input_ids)"
             )
     return {t.name: feeds[t.name] for t in spec.inputs}
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A limit on one input of a served model, checked before the model runs (`check_bounds`).
+
+    `of` says what is limited: "values" (every value of the tensor), "norm" (each row's L2 norm), "true"
+    (each row's number of true values: a mask marks at least one real frame), "bytes" (each BYTES item's
+    length, checked before it is decoded), or the name of a dynamic dim of the tensor's spec (its size).
+    `lo` and `hi` are inclusive (None: unbounded); `why` says where the range comes from (the manifest's
+    vocabulary size, the preprocessing's mean and std, the gallery's norms), and ends the error message.
+    `xmr repo` derives each served model's bounds from its artifact (`repository.input_bounds`) and writes
+    them next to its spec (`bounds.json`).
+    """
+
+    tensor: str
+    lo: float | None = None
+    hi: float | None = None
+    of: str = "values"
+    why: str = ""
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Bound:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    def expected(self, what: str) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"{_num(self.lo)} <= {what} <= {_num(self.hi)}"
+        elif self.lo is not None:
+            text = f"{what} >= {_num(self.lo)}"
+        else:
+            text = f"{what} <= {_num(self.hi)}"
+        return f"expected {text}" + (f" ({self.why})" if self.why else "")
+
+
+def _num(x) -> str:
+    """A bound or an offending value as text: integers whole, floats in 4 significant digits."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else f"{x:.4g}"
+
+
+def _outside(values: np.ndarray, b: Bound) -> np.ndarray:
+    bad = np.zeros(values.shape, dtype=bool)
+    if b.lo is not None:
+        bad |= values < b.lo
+    if b.hi is not None:
+        bad |= values > b.hi
+    return bad
+
+
+def check_bounds(spec: ModelSpec, bounds: Sequence[Bound], feeds: Feeds) -> None:
+    """InputError naming the input, the offending value and the expected range for the first bound of
+    `bounds` that `feeds` (one request, already through `check_feeds`) break."""
+    for b in bounds:
+        x = feeds.get(b.tensor)
+        if x is None or x.size == 0:
+            continue
+        if b.of == "values":
+            bad = _outside(x, b)
+            if bad.any():
+                value = x[bad].reshape(-1)[0]
+                raise InputError(f"input {b.tensor!r} holds {_num(value)}; {b.expected('value')}")
+        elif b.of == "norm":
+            norms = np.linalg.norm(x.reshape(len(x), -1).astype(np.float64), axis=1)
+            bad = np.flatnonzero(_outside(norms, b))
+            if len(bad):
+                i = int(bad[0])
+                raise InputError(
+                    f"input {b.tensor!r} row {i} has L2 norm {_num(norms[i])}; {b.expected('norm')}"
+                )
+        elif b.of == "true":
+            counts = x.reshape(len(x), -1).astype(bool).sum(axis=1)
+            bad = np.flatnonzero(_outside(counts, b))
+            if len(bad):
+                i = int(bad[0])
+                raise InputError(
+                    f"input {b.tensor!r} row {i} has {int(counts[i])} true values; "
+                    + b.expected("true values")
+                )
+        elif b.of == "bytes":
+            for i, item in enumerate(x.reshape(-1)):
+                n = len(item) if isinstance(item, bytes | str) else 0
+                if b.hi is not None and n > b.hi:  # the tokenizer's own wording (encode_batch)
+                    raise InputError(
+                        f"{b.tensor} {i} is {n} bytes; the limit is {_num(b.hi)}"
+                        + (f" ({b.why})" if b.why else "")
+                    )
+        else:  # the size of a named dynamic dim
+            shape = spec.input(b.tensor).shape
+            if b.of not in shape:
+                raise InputError(f"bound on {b.of!r} of {b.tensor!r}: {spec.name}'s spec has no such dim")
+            axis = shape.index(b.of)
+            size = x.shape[axis] if axis < x.ndim else 0
+            if _outside(np.array(size), b):
+                raise InputError(f"input {b.tensor!r} has {size} {b.of} (axis {axis}); {b.expected(b.of)}")
+
+
+def check_outputs(spec: ModelSpec, outputs: Feeds) -> Feeds:
+    """InputError for a non-finite float output: on inputs that passed every check, NaN or infinity
+    comes from values outside what the model was trained on; never return it as an answer."""
+    for name, x in outputs.items():
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise InputError(
+                f"{spec.name} produced NaN or infinite {name!r} for this input: the values of "
+                f"{', '.join(repr(n) for n in spec.input_names)} are outside the range the model handles"
+            )
+    return outputs
+
+
+BOUNDS = "bounds.json"  # a python model's bounds, next to its spec.json (`repository.input_bounds`)
+
+
+def read_bounds(path: Path) -> tuple[Bound, ...]:
+    """The bounds of `bounds.json` (a list of `Bound.to_dict()`); none where the file is absent (a
+    repository written before bounds existed)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return ()
+    return tuple(Bound.from_dict(d) for d in json.loads(path.read_text()))
 
 
 def named_outputs(spec: ModelSpec, outputs) -> Feeds:

@@ -101,3 +101,32 @@ def triton(tiny_repository):
     server = TritonServer(tiny_repository).start()
     yield server
     server.stop()
+
+
+# the cheapest video and moment artifacts that serve: a few videos, a 2-step frame backbone, one epoch
+CHEAP_VIDEO_DATA = {"n_train": 16, "n_val": 8, "n_test": 8}
+
+
+@pytest.fixture(scope="session")
+def cheap_family_artifacts(tmp_path_factory):
+    """{"visern": artifact folder, "cdnet": artifact folder}: untuned tiny runs exported in the standard
+    form, for tests that need every served model (their answers, not their accuracy)."""
+    from xmr.export.moment_export import export_moment_run
+    from xmr.export.video_export import export_video_run
+    from xmr.models.train.moments import MomentTrainConfig, train_moment
+    from xmr.models.train.video import VideoTrainConfig, train_video
+
+    root = tmp_path_factory.mktemp("cheap_families")
+    common = dict(epochs=1, batch_size=8, cache_dir=str(root / "cache"), data_overrides=CHEAP_VIDEO_DATA)
+    train_video(VideoTrainConfig(model="visern", backbone_steps=2, **common), root / "runs" / "visern")
+    train_moment(MomentTrainConfig(backbone_steps=2, **common), root / "runs" / "cdnet")
+    export_video_run(root / "runs" / "visern", root / "visern", "standard")
+    export_moment_run(root / "runs" / "cdnet", root / "cdnet", "standard")
+    return {"visern": root / "visern", "cdnet": root / "cdnet"}
+
+
+@pytest.fixture(scope="session")
+def every_family_repository(tiny_artifacts, cheap_family_artifacts, tmp_path_factory):
+    """One cpu repository serving every family: the tiny image-text artifact, a ViSERN and a CDNet."""
+    folders = [tiny_artifacts, cheap_family_artifacts["visern"], cheap_family_artifacts["cdnet"]]
+    return build_repository(folders, tmp_path_factory.mktemp("every_family") / "repository", "cpu")

@@ -147,6 +147,18 @@ def test_cpu_repository_is_complete(tiny_repository):
     assert python_model("text_search", "cpu") and (tiny_repository / "text_search/1/model.onnx").is_file()
 
 
+def test_one_hop_text_searches_run_two_instances_and_every_other_python_model_one(tiny_repository):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    assert MODELS["text_search"].instances == MODELS["text_video_search"].instances == 2
+    for config in tiny_repository.glob("*/config.pbtxt"):
+        cfg = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+        if cfg.platform != "ensemble":
+            want = 2 if cfg.name == "text_search" else 1
+            assert [g.count for g in cfg.instance_group] == [want], cfg.name
+
+
 def test_one_hop_text_search_answers_as_its_three_models(tiny_repository):
     """In process: TextSearchModel on its version folder = tokenizer -> text_encoder -> gallery_topk, each
     adapter on its own version folder, on a batch of mixed lengths with a bad request in it."""

@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,8 +21,9 @@ import numpy as np
 import pytest
 from test_model_configs import check_against_manifest, parse_configs
 
+from xmr.export.iospec import ModelSpec
 from xmr.export.moment_export import export_moment_run
-from xmr.export.repository import ENSEMBLES, build_repository, read_serving, serves_as
+from xmr.export.repository import ENSEMBLES, build_repository, read_serving, serves_as, step_maps
 from xmr.export.video_export import export_video_run
 from xmr.models.errors import InputError
 from xmr.models.train.moments import MomentTrainConfig, train_moment
@@ -55,7 +57,10 @@ def mixed_triton(mixed_repository):
 
     server = TritonServer(mixed_repository).start()
     yield server
+    start = time.monotonic()
     server.stop()
+    stop_s = time.monotonic() - start  # was 30 s: Triton's exit timeout, waiting for leaked requests
+    assert stop_s < 10.0, f"a clean stop of the 16-model server took {stop_s:.1f} s"
 
 
 # ----------------------------------------------------------------------------- export + repository
@@ -99,8 +104,10 @@ def test_mixed_repository_configs_parse_and_name_every_family(mixed_repository):
         assert (configs[name].platform == "ensemble") == (serves_as(name, "cpu") == "ensemble"), name
     # ViSERN's video_embed takes regions (ProTA's would take frames); CDNet without a grid maps no grid
     assert [i.name for i in configs["video_embed"].input] == ["regions", "frame_mask"]
-    steps = {s.model_name: s for s in configs["moment_search"].ensemble_scheduling.step}
-    assert "grid" not in steps["moment_model"].input_map and "grid" not in steps["moment_clips"].output_map
+    # the ensemble form (the gpu target's; the cpu target serves moment_search as one python model)
+    specs = {n: ModelSpec.from_dict(d) for n, d in serving["specs"].items()}
+    maps = {s.model: step_maps(s, specs[s.model]) for s in ENSEMBLES["moment_search"]}
+    assert "grid" not in maps["moment_model"][0] and "grid" not in maps["moment_clips"][1]
     assert (mixed_repository / "moment_clips/1/clip_features.npz").is_file()
     assert (mixed_repository / "video_gallery_topk/1/gallery.npy").is_file()
     assert not (mixed_repository / "manifest.json").exists()  # one manifest per artifact: see serving.json

@@ -1,8 +1,13 @@
 """The server's life tied to the wrapper's: dead stubs stop `xmr serve`, killed processes leave no orphans
-or shared memory, and the stub runs this environment's own libpython."""
+or shared memory, and the stub runs this environment's own libpython. Faults: a SIGKILLed server restarted
+on the same ports answers as before; a repository whose artifact file differs from its sha256 record (64
+flipped bytes, a truncated gallery or graph, a missing file) is refused before serving, in one line, and by
+the served model itself when the wrapper's check is bypassed."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,3 +180,113 @@ def test_the_stub_runs_this_environments_libpython(tmp_path):
     libdir = interpreter_libdir()
     if libdir is not None:
         assert facts["libpython"] and all(Path(p).parent == Path(libdir) for p in facts["libpython"])
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def reference_answers(server: TritonServer) -> dict[str, np.ndarray]:
+    from xmr.clients.triton_client import XmrClient
+
+    client = XmrClient(server.grpc_url)
+    found = client.text_search(["a red circle", "a big blue square"], 5)
+    image = np.full((1, 64, 64, 3), 128, np.uint8)
+    return {"ids": found.ids, "scores": found.scores, "image": client.image_embed(image)}
+
+
+def test_a_sigkilled_server_restarted_on_the_same_ports_gives_the_same_answers(tiny_repository):
+    server = TritonServer(tiny_repository, grpc_port=free_port(), http_port=free_port())
+    server.start()
+    try:
+        before = reference_answers(server)
+        os.kill(server.pid, signal.SIGKILL)
+        assert server.watch(interval_s=0.1).startswith("tritonserver exited with code -9")
+    finally:
+        server.stop()
+    assert not ready(server.http_port)
+    again = TritonServer(tiny_repository, grpc_port=server.grpc_port, http_port=server.http_port)
+    again.start()
+    try:
+        after = reference_answers(again)
+    finally:
+        again.stop()
+    np.testing.assert_array_equal(after["ids"], before["ids"])
+    np.testing.assert_allclose(after["scores"], before["scores"], atol=1e-6)
+    np.testing.assert_allclose(after["image"], before["image"], atol=1e-6)
+
+
+def flip_bytes(path: Path, n: int = 64) -> None:
+    """Invert `n` bytes in the middle of `path` (its size unchanged)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + n] = bytes(b ^ 0xFF for b in data[middle : middle + n])
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+CORRUPTIONS = {
+    "onnx-64-flipped-bytes": (
+        "text_encoder/1/model.onnx",
+        flip_bytes,
+        r"sha256 [0-9a-f]{16}\.\.\.; expected",
+    ),
+    "gallery-truncated": (
+        "gallery_topk/1/gallery.npy",
+        truncate,
+        r"\d+ bytes; expected \d+ bytes with sha256",
+    ),
+    "onnx-truncated": ("text_search/1/model.onnx", truncate, r"\d+ bytes; expected \d+ bytes with sha256"),
+    "gallery-missing": ("text_search/1/gallery.npy", lambda p: p.unlink(), r"is missing; expected"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_corrupted_repository_file_is_refused_before_serving(tiny_repository, tmp_path, corruption):
+    from xmr.models.errors import InputError
+
+    rel, corrupt, message = CORRUPTIONS[corruption]
+    repository = tmp_path / "repository"
+    shutil.copytree(tiny_repository, repository)
+    corrupt(repository / rel)
+    server = TritonServer(repository)
+    with pytest.raises(InputError, match=rf"repository file {repository / rel} (is corrupted: )?" + message):
+        server.start()
+    assert server.pid is None  # refused before a server process existed
+
+
+def test_xmr_serve_refuses_a_corrupted_repository_in_one_line(tiny_repository, tmp_path):
+    repository = tmp_path / "repository"
+    shutil.copytree(tiny_repository, repository)
+    flip_bytes(repository / "image_encoder/1/model.onnx")
+    done = subprocess.run(
+        [sys.executable, "-m", "xmr.clients.cli", "serve", str(repository), "--grpc-port", str(free_port()),
+         "--http-port", str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"repository file {repository}/image_encoder/1/model.onnx is corrupted" in lines[0]
+    assert re.search(r"sha256 [0-9a-f]{16}\.\.\.; expected \d+ bytes with sha256 [0-9a-f]{16}", lines[0])
+
+
+def test_a_served_model_refuses_its_corrupted_file_at_load(tiny_repository, tmp_path, monkeypatch):
+    """A server started without the wrapper's check (plain tritonserver on the repository): the python
+    model checks its own files at load and fails with the same one-line reason, instead of a bare numpy
+    reshape error on a truncated gallery."""
+    import xmr.clients.server as server_module
+    from xmr.clients.server import ServerError
+
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    shutil.copytree(tiny_repository / "gallery_topk", repository / "gallery_topk")
+    shutil.copy(tiny_repository / "serving.json", repository / "serving.json")
+    truncate(repository / "gallery_topk/1/gallery.npy")
+    monkeypatch.setattr(server_module, "verify", lambda repository: 0)
+    with pytest.raises(ServerError) as refused:
+        TritonServer(repository).start()
+    assert f"repository file {repository}/gallery_topk/1/gallery.npy is corrupted" in str(refused.value)
+    assert "reshape" not in str(refused.value)
