@@ -93,7 +93,7 @@ class XmrClient:
         if isinstance(texts, str):
             texts = [texts]
         text = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
-        top_k = np.full((len(texts), 1), k, dtype=np.int32)
+        top_k = np.full((len(texts), 1), k, dtype=np.int64)
         result = self._infer(
             "text_search",
             [self._input(TEXT_SEARCH, "text", text), self._input(TEXT_SEARCH, "top_k", top_k)],
@@ -115,7 +115,7 @@ class XmrClient:
         if isinstance(texts, str):
             texts = [texts]
         text = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
-        top_k = np.full((len(texts), 1), k, dtype=np.int32)
+        top_k = np.full((len(texts), 1), k, dtype=np.int64)
         spec = TEXT_VIDEO_SEARCH
         result = self._infer(
             spec.name, [self._input(spec, "text", text), self._input(spec, "top_k", top_k)], spec.output_names
@@ -150,7 +150,7 @@ class XmrClient:
         ids = np.asarray(video_ids, dtype=np.int64).reshape(-1, 1)
         if len(ids) != len(texts):
             raise InputError(f"{len(texts)} query texts but {len(ids)} video ids; expected one id per text")
-        top_k = np.full((len(texts), 1), k, dtype=np.int32)
+        top_k = np.full((len(texts), 1), k, dtype=np.int64)
         spec = MOMENT_SEARCH
         result = self._infer(
             spec.name,

@@ -192,7 +192,7 @@ class MomentPostprocessModel(PythonModel):
 
 
 class TextSearchModel(PythonModel):
-    """Text search in one hop: text (B, 1) BYTES, top_k (B,) int32 -> ids (B, k), scores (B, k),
+    """Text search in one hop: text (B, 1) BYTES, top_k (B,) int64 -> ids (B, k), scores (B, k),
     text_embedding (B, D): the I/O of the tokenizer -> text_encoder -> gallery_topk ensemble, so it serves
     under the same name.
 
@@ -240,7 +240,7 @@ class TextSearchModel(PythonModel):
 
 
 class MomentSearchModel(PythonModel):
-    """Moment search in one hop: text (B, 1) BYTES, video_id (B,) int64, top_k (B,) int32 -> moments
+    """Moment search in one hop: text (B, 1) BYTES, video_id (B,) int64, top_k (B,) int64 -> moments
     (B, k, 3) [start_s, end_s, score] and counts (B,): the I/O of the moment_tokenizer, moment_clips ->
     moment_model -> moment_postprocess ensemble, served under its name on the cpu target.
 

@@ -3,7 +3,7 @@
 A fixed ensemble cannot loop over the queries of a batch nor gather a data-dependent shortlist, so this
 model drives the other served models itself with `pb_utils.InferenceRequest(...).exec()`:
 
-    input_ids (B, T) int64, lengths (B,) int64, top_k (B,) int32
+    input_ids (B, T) int64, lengths (B,) int64, top_k (B,) int64
       -> text_encoder  (one BLS call per request)         text_embedding, text_mu, text_sigma
       -> gallery_topk  (one BLS call per request, k = S)  ids (B, S): the first stage (FAISS over
                                                           ProTA's global video embeddings)
@@ -62,7 +62,7 @@ def bls_rerank_spec() -> ModelSpec:
         inputs=(
             TensorSpec("input_ids", "int64", ("batch", "tokens")),
             TensorSpec("lengths", "int64", ("batch",)),
-            TensorSpec("top_k", "int32", ("batch",)),
+            TensorSpec("top_k", "int64", ("batch",)),
         ),
         outputs=(
             TensorSpec("ids", "int64", ("batch", "k")),
@@ -129,7 +129,7 @@ class BLSFirstStage:
         self.model = model
 
     def __call__(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        top_k = np.full((len(queries), 1), k, np.int32)  # gallery_topk: one k per row, (B, 1) on the wire
+        top_k = np.full((len(queries), 1), k, np.int64)  # gallery_topk: one k per row, (B, 1) on the wire
         out = bls_call(self.model, {"query_embedding": queries, "top_k": top_k}, ("ids", "scores"))
         return out["ids"], out["scores"]
 

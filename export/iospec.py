@@ -146,7 +146,7 @@ def gallery_topk_spec(embed_dim: int) -> ModelSpec:
         "gallery_topk",
         inputs=(
             TensorSpec("query_embedding", "float32", ("batch", embed_dim)),
-            TensorSpec("top_k", "int32", ("batch",)),
+            TensorSpec("top_k", "int64", ("batch",)),
         ),
         outputs=(TensorSpec("ids", "int64", ("batch", "k")), TensorSpec("scores", "float32", ("batch", "k"))),
     )
@@ -156,7 +156,7 @@ def text_search_spec(embed_dim: int) -> ModelSpec:
     """Ensemble: text -> tokenizer -> text_encoder -> gallery_topk."""
     return ModelSpec(
         "text_search",
-        inputs=(TensorSpec("text", "bytes", ("batch", 1)), TensorSpec("top_k", "int32", ("batch",))),
+        inputs=(TensorSpec("text", "bytes", ("batch", 1)), TensorSpec("top_k", "int64", ("batch",))),
         outputs=(
             TensorSpec("ids", "int64", ("batch", "k")),
             TensorSpec("scores", "float32", ("batch", "k")),
@@ -312,7 +312,7 @@ def moment_postprocess_spec(moment_model: ModelSpec) -> ModelSpec:
             moment_model.output("spans"),
             moment_model.output("logits"),
             TensorSpec("durations", "float32", ("batch",)),
-            TensorSpec("top_k", "int32", ("batch",)),
+            TensorSpec("top_k", "int64", ("batch",)),
         ),
         outputs=MOMENT_OUTPUTS,
     )
@@ -325,7 +325,7 @@ def moment_search_spec() -> ModelSpec:
         inputs=(
             TensorSpec("text", "bytes", ("batch", 1)),
             TensorSpec("video_id", "int64", ("batch",)),
-            TensorSpec("top_k", "int32", ("batch",)),
+            TensorSpec("top_k", "int64", ("batch",)),
         ),
         outputs=MOMENT_OUTPUTS,
     )

@@ -293,11 +293,11 @@ def run_in_process(
 def served_ids(client: XmrClient, model: str, texts: list[str], k: int) -> np.ndarray:
     """Top-k ids (B, k) from the served `model` (text_search's I/O: text, top_k -> ids, ...)."""
     text = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
-    top_k = np.full((len(texts), 1), k, dtype=np.int32)
+    top_k = np.full((len(texts), 1), k, dtype=np.int64)
     # every output: asking a 2.51 ensemble for a subset fails ("unexpected deadlock, at least one output
     # is not set")
     outputs = ["ids", "scores", "text_embedding"]
-    return client.raw_infer(model, {"text": (text, "BYTES"), "top_k": (top_k, "INT32")}, outputs)["ids"]
+    return client.raw_infer(model, {"text": (text, "BYTES"), "top_k": (top_k, "INT64")}, outputs)["ids"]
 
 
 def warm_up_and_compare(

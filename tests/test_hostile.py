@@ -12,9 +12,9 @@ make (malformed JSON, lying shapes, a gzip bomb), sent with urllib.
 
 What Triton 2.51 itself gets wrong is marked as such (xfail, strict: a fixed Triton flips them):
 - its HTTP frontend answers a JSON body it cannot parse with 500, not 400;
-- its HTTP frontend casts a JSON integer into an INT32 tensor without a range check: `top_k` 4294967301
-  arrives as 5, which no model can tell from a genuine 5 (the served spec's `top_k` would have to be
-  INT64 for the model to see, and refuse, the real value).
+(Its HTTP frontend also casts a JSON integer into the declared type without a range check: an INT32
+`top_k` of 4294967301 arrived as 5. The served `top_k` is INT64, so the model sees the real value and
+refuses it: the `top-k-2**32+5` case.)
 Not in the catalogue because it takes the server down: a JSON request whose declared shape is huge (e.g.
 [1000000000, 256] with a few values) makes Triton 2.51's HTTP frontend allocate that shape before any
 check; it aborts with std::bad_alloc (the binary-tensor and gRPC paths check sizes first). See README.
@@ -94,14 +94,14 @@ def good(f: Facts, model: str) -> dict[str, np.ndarray]:
     d = f.dim
     ids, lengths = np.array([[2, 3, 4]], np.int64), col(3, np.int64)
     if model in ("text_search", "text_video_search"):
-        return {"text": text(GOOD_TEXT), "top_k": col(3, np.int32)}
+        return {"text": text(GOOD_TEXT), "top_k": col(3, np.int64)}
     if model in ("tokenizer", "video_tokenizer", "moment_tokenizer"):
         return {"text": text(GOOD_TEXT)}
     if model in ("text_encoder", "video_text_encoder"):
         return {"input_ids": ids, "lengths": lengths}
     if model in ("gallery_topk", "video_gallery_topk"):
         dim = d(model, "query_embedding", 1)
-        return {"query_embedding": np.full((1, dim), dim**-0.5, np.float32), "top_k": col(3, np.int32)}
+        return {"query_embedding": np.full((1, dim), dim**-0.5, np.float32), "top_k": col(3, np.int64)}
     if model in ("image_embed", "preprocess"):
         return {"image": np.full((1, d(model, "image", 1), d(model, "image", 2), 3), 128, np.uint8)}
     if model == "image_encoder":
@@ -114,7 +114,7 @@ def good(f: Facts, model: str) -> dict[str, np.ndarray]:
         k, dr = d(model, "regions", 2), d(model, "regions", 3)
         return {"regions": np.zeros((1, 2, k, dr), np.float32), "frame_mask": np.ones((1, 2), bool)}
     if model == "moment_search":
-        return {"text": text(GOOD_TEXT), "video_id": col(0, np.int64), "top_k": col(3, np.int32)}
+        return {"text": text(GOOD_TEXT), "video_id": col(0, np.int64), "top_k": col(3, np.int64)}
     if model == "moment_clips":
         return {"video_id": col(0, np.int64)}
     if model == "moment_model":
@@ -126,7 +126,7 @@ def good(f: Facts, model: str) -> dict[str, np.ndarray]:
             "spans": np.full((1, q, 2), 0.5, np.float32),
             "logits": np.zeros((1, q), np.float32),
             "durations": col(f.limit(model, "durations"), np.float32),
-            "top_k": col(3, np.int32),
+            "top_k": col(3, np.int64),
         }
     raise KeyError(model)
 
@@ -173,12 +173,12 @@ def text_cases(model: str) -> list[Case]:
 
 def top_k_cases(model: str, size: Callable[[Facts], int]) -> list[Case]:
     return [
-        Case(model, "top-k-0", swap(top_k=col(0, np.int32)), r"top_k is 0; expected 1 <= top_k"),
-        Case(model, "top-k-negative", swap(top_k=col(-7, np.int32)), r"top_k is -7; expected 1 <= top_k"),
+        Case(model, "top-k-0", swap(top_k=col(0, np.int64)), r"top_k is 0; expected 1 <= top_k"),
+        Case(model, "top-k-negative", swap(top_k=col(-7, np.int64)), r"top_k is -7; expected 1 <= top_k"),
         Case(
             model,
             "top-k-past-size",
-            swap_f(lambda f, x: {"top_k": col(size(f) + 1, np.int32)}),
+            swap_f(lambda f, x: {"top_k": col(size(f) + 1, np.int64)}),
             lambda f: rf"top_k is {size(f) + 1}; expected 1 <= top_k <= {size(f)}",
         ),
     ]
@@ -247,18 +247,23 @@ CASES: list[Case] = [
     Case("text_search", "no-known-words", swap(text=text("zebra giraffe")), r"text 0 has no known words"),
     Case("text_search", "nul-bytes", swap(text=text("\x00\x00")), r"text 0 has no known words"),
     *top_k_cases("text_search", lambda f: f.gallery["gallery_topk"]),
-    Case("text_search", "top-k-int32-max", swap(top_k=col(2**31 - 1, np.int32)), r"top_k is 2147483647"),
+    Case(
+        "text_search",
+        "top-k-int64-max",
+        swap(top_k=col(2**63 - 1, np.int64)),
+        r"top_k is 9223372036854775807",
+    ),
     Case(
         "text_search",
         "top-k-differs-across-rows",
-        swap(text=text(GOOD_TEXT, GOOD_TEXT), top_k=np.array([[3], [5]], np.int32)),
+        swap(text=text(GOOD_TEXT, GOOD_TEXT), top_k=np.array([[3], [5]], np.int64)),
         r"top_k differs across the rows of one request",
     ),
     Case(
         "text_search",
-        "top-k-int64",
-        swap(top_k=(col(3, np.int64), "INT64")),
-        r"input 'top_k' data-type is 'INT64', but model 'text_search' expects 'INT32'",
+        "top-k-int32",
+        swap(top_k=(col(3, np.int32), "INT32")),
+        r"input 'top_k' data-type is 'INT32', but model 'text_search' expects 'INT64'",
     ),
     Case(
         "text_search",
@@ -376,11 +381,11 @@ CASES: list[Case] = [
         r"video_id -1 is not in the clip store",
     ),
     Case("moment_search", "empty-text", swap(text=text("")), r"text 0 is empty"),
-    Case("moment_search", "top-k-0", swap(top_k=col(0, np.int32)), r"top_k is 0; expected 1 <= top_k"),
+    Case("moment_search", "top-k-0", swap(top_k=col(0, np.int64)), r"top_k is 0; expected 1 <= top_k"),
     Case(
         "moment_search",
         "top-k-past-proposals",
-        swap_f(lambda f, x: {"top_k": col(f.dim("moment_postprocess", "spans", 1) + 1, np.int32)}),
+        swap_f(lambda f, x: {"top_k": col(f.dim("moment_postprocess", "spans", 1) + 1, np.int64)}),
         r"top_k is \d+; expected 1 <= top_k <= \d+ \(the model proposes",
     ),
     Case(
@@ -591,7 +596,7 @@ def t_(value) -> dict:
 
 
 def k_(value) -> dict:
-    return {"name": "top_k", "shape": [1, 1], "datatype": "INT32", "data": [value]}
+    return {"name": "top_k", "shape": [1, 1], "datatype": "INT64", "data": [value]}
 
 
 def q_(value, n: int = 256, datatype: str = "FP32", shape=None) -> dict:
@@ -599,10 +604,6 @@ def q_(value, n: int = 256, datatype: str = "FP32", shape=None) -> dict:
 
 
 PARSE_500 = "Triton 2.51's HTTP frontend answers a JSON body it cannot parse with 500, not 400"
-WRAP = (
-    "Triton 2.51's HTTP frontend casts a JSON integer into INT32 without a range check: top_k "
-    "4294967301 reaches the model as 5 (top_k would have to be INT64 in the served spec to be refused)"
-)
 BOMB = json.dumps({"inputs": [t_("a" * (64 << 20)), k_(3)]}).encode()
 RAW_HTTP = [
     Raw(
@@ -673,7 +674,6 @@ RAW_HTTP = [
         "text_search",
         {"inputs": [t_(GOOD_TEXT), k_(2**32 + 5)]},
         r"top_k is 4294967301",
-        triton_bug=WRAP,
     ),
     Raw(
         "top-k-2**63+5",
@@ -704,10 +704,10 @@ RAW_HTTP = [
 def binary_huge_shape() -> tuple[bytes, dict]:
     """A binary-tensor request declaring a [10**9, 256] query with 256 values in its body."""
     query = {"name": "query_embedding", "shape": [10**9, 256], "datatype": "FP32"}
-    top_k = {"name": "top_k", "shape": [1, 1], "datatype": "INT32"}
-    query["parameters"], top_k["parameters"] = {"binary_data_size": 1024}, {"binary_data_size": 4}
+    top_k = {"name": "top_k", "shape": [1, 1], "datatype": "INT64"}
+    query["parameters"], top_k["parameters"] = {"binary_data_size": 1024}, {"binary_data_size": 8}
     header = json.dumps({"inputs": [query, top_k]}).encode()
-    body = header + np.full(256, 0.0625, np.float32).tobytes() + np.array([3], np.int32).tobytes()
+    body = header + np.full(256, 0.0625, np.float32).tobytes() + np.array([3], np.int64).tobytes()
     return body, {"Inference-Header-Content-Length": str(len(header))}
 
 
@@ -748,7 +748,7 @@ def test_hand_made_http_requests_are_refused_and_change_nothing(server, raw):
 def test_a_100MB_text_is_refused_naming_its_size(server, protocol):
     """Triton 2.51 has no request size limit to configure (no --http-max-input-size; gRPC takes up to
     2 GiB): the request is read and handed to the model, which refuses it before decoding it."""
-    inputs = {"text": text(b"a" * (100 << 20)), "top_k": col(3, np.int32)}
+    inputs = {"text": text(b"a" * (100 << 20)), "top_k": col(3, np.int64)}
     result = server.infer(protocol, "text_search", inputs)
     assert isinstance(result, Refused) and "text 0 is 104857600 bytes; the limit is 4096" in result.message
     assert result.status in ("StatusCode.INVALID_ARGUMENT", "400")

@@ -62,7 +62,7 @@ def test_requests_follow_the_specs(tiny_repository, monkeypatch):
     requests = build_requests(manifest, ["text_search", "image_embed"], content, n=4)
     text, top_k = requests["text_search"][1]["text"], requests["text_search"][1]["top_k"]
     assert text[0].shape == (1, 1) and text[1] == "BYTES" and text[0][0, 0] == content.captions[1].encode()
-    assert top_k[0].shape == (1, 1) and top_k[0].dtype == np.int32
+    assert top_k[0].shape == (1, 1) and top_k[0].dtype == np.int64
     image = requests["image_embed"][2]["image"]
     assert image[1] == "UINT8" and np.array_equal(image[0][0], content.images[2])
     # a recipe naming an input its ensemble lacks is a clear error, not a silent default

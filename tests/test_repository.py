@@ -178,7 +178,7 @@ def test_one_hop_text_search_answers_as_its_three_models(tiny_repository):
     gallery = loaded(adapters.GalleryTopKModel, "gallery_topk")
     texts = ["a red circle", "a big blue square above a small green triangle", "", "red"]
     inputs = [
-        {"text": np.array([[t.encode()]], dtype=object), "top_k": np.array([k], np.int32)}
+        {"text": np.array([[t.encode()]], dtype=object), "top_k": np.array([k], np.int64)}
         for t, k in zip(texts, [5, 3, 5, 0], strict=True)
     ]
     got = fused.run(inputs)

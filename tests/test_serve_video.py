@@ -178,7 +178,7 @@ def test_unknown_video_id_is_invalid_argument_and_fails_only_its_request(mixed_t
         for name, array, dtype in (
             ("text", np.array([[b"a red circle appears"]], dtype=object), "BYTES"),
             ("video_id", np.array([[video_id]], np.int64), "INT64"),
-            ("top_k", np.array([[3]], np.int32), "INT32"),
+            ("top_k", np.array([[3]], np.int64), "INT64"),
         ):
             x = grpcclient.InferInput(name, list(array.shape), dtype)
             x.set_data_from_numpy(array)

@@ -163,8 +163,8 @@ def test_text_search_answers_any_subset_of_its_outputs(triton, reference, protoc
         client = tc.InferenceServerClient(triton.http_url)
     text = tc.InferInput("text", [2, 1], "BYTES")
     text.set_data_from_numpy(np.array([[t.encode()] for t in reference["texts"][:2]], dtype=object))
-    top_k = tc.InferInput("top_k", [2, 1], "INT32")
-    top_k.set_data_from_numpy(np.full((2, 1), 5, np.int32))
+    top_k = tc.InferInput("top_k", [2, 1], "INT64")
+    top_k.set_data_from_numpy(np.full((2, 1), 5, np.int64))
     full = XmrClient(triton.grpc_url, "grpc").text_search(reference["texts"][:2], k=5)
     for names in (["ids"], ["ids", "scores"], ["text_embedding"]):
         result = client.infer(

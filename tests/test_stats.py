@@ -136,8 +136,8 @@ def test_stats_count_exactly_the_requests_sent_on_every_hop(both_forms, shapes_t
 
 def search(client, model: str, texts: list[str], k: int) -> dict:
     text = np.array([t.encode() for t in texts], dtype=object).reshape(-1, 1)
-    top_k = np.full((len(texts), 1), k, dtype=np.int32)
-    inputs = {"text": (text, "BYTES"), "top_k": (top_k, "INT32")}
+    top_k = np.full((len(texts), 1), k, dtype=np.int64)
+    inputs = {"text": (text, "BYTES"), "top_k": (top_k, "INT64")}
     return client.raw_infer(model, inputs, ["ids", "scores", "text_embedding"])
 
 

@@ -172,9 +172,9 @@ def test_bls_model_answers_like_two_stage_search(setup, tmp_path):
     model = bls_model(setup, tmp_path, shortlist=6)
     first = faiss_first_stage(setup["gallery"])
     ids, lengths = setup["input_ids"], setup["lengths"]
-    good = {"input_ids": ids, "lengths": lengths, "top_k": np.full((N_QUERIES, 1), 3, np.int32)}
-    bad = {"input_ids": ids, "lengths": lengths[:2], "top_k": np.full((N_QUERIES, 1), 3, np.int32)}
-    wide = {"input_ids": ids[:1], "lengths": lengths[:1], "top_k": np.array([100], np.int32)}
+    good = {"input_ids": ids, "lengths": lengths, "top_k": np.full((N_QUERIES, 1), 3, np.int64)}
+    bad = {"input_ids": ids, "lengths": lengths[:2], "top_k": np.full((N_QUERIES, 1), 3, np.int64)}
+    wide = {"input_ids": ids[:1], "lengths": lengths[:1], "top_k": np.array([100], np.int64)}
     out_good, out_bad, out_wide = model.run([good, bad, wide])
     assert isinstance(out_bad, InputError)  # its own error; the other requests are answered
     assert out_good["ids"].shape == out_good["scores"].shape == (N_QUERIES, 3)
@@ -256,7 +256,7 @@ def test_bls_calls_the_served_models(setup, tmp_path, monkeypatch):
         if model == "prota_text":
             return run("text_encoder", inputs)
         if model == "gallery_topk":
-            assert inputs["top_k"].dtype == np.int32 and inputs["top_k"].shape == (
+            assert inputs["top_k"].dtype == np.int64 and inputs["top_k"].shape == (
                 len(inputs["query_embedding"]),
                 1,
             )
@@ -279,7 +279,7 @@ def test_bls_calls_the_served_models(setup, tmp_path, monkeypatch):
     x = {
         "input_ids": setup["input_ids"],
         "lengths": setup["lengths"],
-        "top_k": np.full(N_QUERIES, 2, np.int32),
+        "top_k": np.full(N_QUERIES, 2, np.int64),
     }
     (out,) = model.run([x])
     assert [c.model for c in calls] == ["prota_text", "gallery_topk"] + ["prota_scorer"] * N_QUERIES
