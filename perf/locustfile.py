@@ -13,6 +13,12 @@ event (request_type "grpc", name = the ensemble, response time in ms, response s
 exception if it failed), so Locust's own statistics, CSV and HTML report cover it. Users wait for
 nothing between requests (a closed loop: N users keep N requests in flight).
 
+Each good request's answer is compared with the answer the server gave it before the load started
+(`REFERENCE`, built at setup): a changed answer is a failed request. With `--xmr-hostile W` a task of
+weight W sends requests that the server must refuse (`xmr.clients.load.HOSTILE`), under the name
+`<ensemble> (hostile)`: refused with INVALID_ARGUMENT is a success, anything else (an answer, another
+status) a failure.
+
 gRPC's blocking calls are made cooperative with gevent (`grpc.experimental.gevent.init_gevent`, before any
 channel exists), otherwise one user's call would block every other user of the process.
 """
@@ -35,19 +41,26 @@ import locust.stats  # noqa: E402
 import numpy as np  # noqa: E402
 import tritonclient.grpc as tc  # noqa: E402
 from locust import User, constant, events  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from xmr.clients.load import (  # noqa: E402
     CLIENT_TIMEOUT_S,
+    HOSTILE_STATUS,
+    HOSTILE_SUFFIX,
+    build_hostile,
     build_requests,
     infer_inputs,
     load_content,
     parse_weights,
     plan_tasks,
     read_manifest,
+    same_answer,
     served_ensembles,
 )
 
 REQUESTS: dict[str, list[list]] = {}  # ensemble -> prebuilt InferInput lists, shared by all users
+REFERENCE: dict[str, list[dict]] = {}  # ensemble -> each prebuilt request's answer before the load
+HOSTILE_REQUESTS: list[tuple[str, list]] = []  # (ensemble, InferInputs) the server must refuse
 SAMPLES: dict[str, list] = {"t": [], "name": [], "ms": [], "failed": []}
 locust.stats.CSV_STATS_FLUSH_INTERVAL_SEC = 2  # the history on disk lags 2 s, not 10 (`xmr load` progress)
 
@@ -58,6 +71,7 @@ def _options(parser) -> None:
     parser.add_argument("--xmr-weights", type=str, default="", help="ENSEMBLE=W,... (default 1 each)")
     parser.add_argument("--xmr-captions", type=str, default="", help="text file, one caption a line")
     parser.add_argument("--xmr-samples", type=str, default="", help="write every request's latency (npz)")
+    parser.add_argument("--xmr-hostile", type=int, default=0, help="weight of the hostile task (0: none)")
 
 
 def _task(name: str):
@@ -77,19 +91,39 @@ def _setup(environment, **_) -> None:
     client = tc.InferenceServerClient(environment.host)
     try:
         served = served_ensembles(client)
+        plan = plan_tasks(served, parse_weights([opts.xmr_weights]))
+        manifest = read_manifest(Path(opts.xmr_repository))
+        content = load_content(manifest, Path(opts.xmr_captions) if opts.xmr_captions else None)
+        for name, requests in build_requests(manifest, plan, content).items():
+            REQUESTS[name] = [infer_inputs(tc, r) for r in requests]
+            REFERENCE[name] = [
+                _answer(client.infer(name, r, client_timeout=CLIENT_TIMEOUT_S)) for r in REQUESTS[name]
+            ]
     finally:
         client.close()
-    plan = plan_tasks(served, parse_weights([opts.xmr_weights]))
-    manifest = read_manifest(Path(opts.xmr_repository))
-    content = load_content(manifest, Path(opts.xmr_captions) if opts.xmr_captions else None)
-    for name, requests in build_requests(manifest, plan, content).items():
-        REQUESTS[name] = [infer_inputs(tc, r) for r in requests]
     EnsembleUser.tasks = [_task(name) for name, weight in plan.items() for _ in range(weight)]
+    if opts.xmr_hostile > 0:
+        spoilt = build_hostile(manifest, plan, content)
+        for i in range(max(map(len, spoilt.values()), default=0)):  # the ensembles interleaved
+            for name, requests in spoilt.items():
+                if i < len(requests):
+                    HOSTILE_REQUESTS.append((name, infer_inputs(tc, requests[i])))
+        if HOSTILE_REQUESTS:
+            EnsembleUser.tasks += [_hostile_task] * opts.xmr_hostile
     environment.events.quitting.add_listener(_final_csv)
     environment.events.quit.add_listener(_exit_now)
     if opts.xmr_samples:
         environment.events.request.add_listener(_record)
         environment.events.quitting.add_listener(lambda **kw: _write_samples(Path(opts.xmr_samples)))
+
+
+def _answer(result) -> dict[str, np.ndarray]:
+    """Every output of a tritonclient result, by name."""
+    return {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+
+
+def _hostile_task(user: EnsembleUser) -> None:
+    user.hostile()
 
 
 def _final_csv(**_) -> None:
@@ -151,6 +185,7 @@ class EnsembleUser(User):
     def on_start(self) -> None:
         self.client = tc.InferenceServerClient(self.host)
         self._next = {name: int(np.random.randint(len(reqs))) for name, reqs in REQUESTS.items()}
+        self._next_hostile = int(np.random.randint(max(1, len(HOSTILE_REQUESTS))))
 
     def on_stop(self) -> None:
         self.client.close()
@@ -164,8 +199,31 @@ class EnsembleUser(User):
         try:
             result = self.client.infer(name, requests[i], client_timeout=CLIENT_TIMEOUT_S)
             length = result.get_response().ByteSize()
+            changed = same_answer(_answer(result), REFERENCE[name][i])
+            if changed is not None:
+                exception = AnswerChanged(f"{name} request {i}: {changed!r} differs from its answer before")
         except Exception as e:  # noqa: BLE001 - every failure is a failed request in Locust's stats
             exception = e
+        self._fire(name, start, length, exception)
+
+    def hostile(self) -> None:
+        """One request the server must refuse with INVALID_ARGUMENT (then it counts as a success)."""
+        name, inputs = HOSTILE_REQUESTS[self._next_hostile]
+        self._next_hostile = (self._next_hostile + 1) % len(HOSTILE_REQUESTS)
+        exception, length = None, 0
+        start = time.perf_counter()
+        try:
+            result = self.client.infer(name, inputs, client_timeout=CLIENT_TIMEOUT_S)
+            length = result.get_response().ByteSize()
+            exception = AnswerChanged(f"{name} answered a hostile request instead of refusing it")
+        except InferenceServerException as e:
+            if str(e.status()) != HOSTILE_STATUS:
+                exception = e
+        except Exception as e:  # noqa: BLE001
+            exception = e
+        self._fire(name + HOSTILE_SUFFIX, start, length, exception)
+
+    def _fire(self, name: str, start: float, length: int, exception) -> None:
         self.environment.events.request.fire(
             request_type="grpc",
             name=name,
@@ -174,3 +232,7 @@ class EnsembleUser(User):
             exception=exception,
             context={},
         )
+
+
+class AnswerChanged(Exception):
+    """A request's answer differs from the one it had before the load (or a hostile request answered)."""
