@@ -132,3 +132,61 @@ def test_onnx_runner_is_the_runners_one():
     from xmr.export import runners
 
     assert OnnxRunner is runners.OnnxRunner and OnnxRunner.backend == "onnxruntime"
+
+
+# ----------------------------------------------------------------------------- boundary bounds
+
+
+def test_check_bounds_names_the_input_the_value_and_the_range(tmp_path):
+    import json
+
+    from xmr.export.iospec import ModelSpec, TensorSpec
+    from xmr.export.runners import Bound, check_bounds, read_bounds
+
+    spec = ModelSpec(
+        "m",
+        inputs=(
+            TensorSpec("ids", "int64", ("batch", "tokens")),
+            TensorSpec("q", "float32", ("batch", 4)),
+            TensorSpec("mask", "bool", ("batch", "frames")),
+            TensorSpec("text", "bytes", ("batch", 1)),
+        ),
+        outputs=(TensorSpec("y", "float32", ("batch", 4)),),
+    )
+    bounds = (
+        Bound("ids", 0, 99, why="vocabulary of 100"),
+        Bound("ids", 1, 8, of="tokens"),
+        Bound("q", 0.1, 10.0, of="norm"),
+        Bound("mask", 1, None, of="true"),
+        Bound("text", None, 16, of="bytes"),
+    )
+    good = {
+        "ids": np.array([[1, 99]]),
+        "q": np.full((1, 4), 0.5, np.float32),
+        "mask": np.array([[True, False]]),
+        "text": np.array([[b"a red circle"]], dtype=object),
+    }
+    check_bounds(spec, bounds, good)  # inside every bound: no error
+    cases = {
+        "ids": (
+            np.array([[1, 100]]),
+            r"input 'ids' holds 100; expected 0 <= value <= 99 \(vocabulary of 100\)",
+        ),
+        "q": (
+            np.full((1, 4), 1e30, np.float32),
+            r"input 'q' row 0 has L2 norm 2e\+30; expected 0.1 <= norm <= 10",
+        ),
+        "mask": (
+            np.array([[False, False]]),
+            r"input 'mask' row 0 has 0 true values; expected true values >= 1",
+        ),
+        "text": (np.array([[b"x" * 17]], dtype=object), r"text 0 is 17 bytes; the limit is 16"),
+    }
+    for name, (bad, message) in cases.items():
+        with pytest.raises(InputError, match=message):
+            check_bounds(spec, bounds, {**good, name: bad})
+    with pytest.raises(InputError, match=r"input 'ids' has 9 tokens \(axis 1\); expected 1 <= tokens <= 8"):
+        check_bounds(spec, bounds, {**good, "ids": np.ones((1, 9), np.int64)})
+    (tmp_path / "bounds.json").write_text(json.dumps([b.to_dict() for b in bounds]))
+    assert read_bounds(tmp_path / "bounds.json") == bounds
+    assert read_bounds(tmp_path / "absent.json") == ()
