@@ -266,12 +266,14 @@ def main(argv: list[str] | None = None) -> None:
     write_figure(rows, args.figures / "prota_rerank.png")
     tc = config["train_config"]
     w_global = config["model_config"].get("w_global", 0.0)
+    high = model.cfg.high_features  # 0: a run from before the high-dimension lift (Gram of the low cosine)
+    high_space = f"a learned {high}-d high-dimension space" if high else "high term on the low cosine"
     n_queries = (
         len(split.flat_captions()) if args.queries is None else min(args.queries, len(split.flat_captions()))
     )
     head = [
-        f"ProTA (w_global = {w_global}), {tc['epochs']} epochs on MovingShapes train; test split: a gallery "
-        f"of {len(split)} videos, {n_queries} caption queries (text->video; chance R@1 = "
+        f"ProTA (w_global = {w_global}, {high_space}), {tc['epochs']} epochs on MovingShapes train; test "
+        f"split: a gallery of {len(split)} videos, {n_queries} caption queries (text->video; chance R@1 = "
         f"{100 / len(split):.2f}%).",
         f"Top {K} returned per query. CPU: {cpu_model()}, one thread per backend, "
         f"load average at the start {load:.1f} (a shared machine: compare times within a table).",

@@ -1,4 +1,5 @@
-"""ProTA: token-level scores against naive loops, masking, the loss, and ONNX parity of the exported parts."""
+"""ProTA: token-level scores against naive loops written from the formulas, the high-dimension space (its own
+learned lift, not a function of the low cosine), masking, the loss, and ONNX parity of the exported parts."""
 
 import numpy as np
 import pytest
@@ -11,7 +12,10 @@ from xmr.models.video.prota import (
     ProTA,
     ProTAConfig,
     ProTALoss,
+    TextTokens,
+    VideoTokens,
     partial_aggregate,
+    score_terms,
     wasserstein2,
 )
 
@@ -98,6 +102,154 @@ def test_low_dim_aggregation_matches_naive_loop_and_ignores_padding():
     cos = torch.einsum("and,bmd->abnm", F.normalize(t.mu, dim=-1), F.normalize(v.mu, dim=-1))
     got = partial_aggregate(cos, t.mask, v.mask, 10.0)
     assert torch.allclose(got, naive_low(t.mu, t.mask, v.mu, v.mask, 10.0), atol=1e-5)
+
+
+def naive_aggregate(s: torch.Tensor, lam: float) -> torch.Tensor:
+    """Partial-related aggregation of one (n, m) matrix of valid tokens, both directions averaged:
+    l(t_i -> v) = sum_j s_ij softmax_j(lam s_ij), mean over i; the same with the roles swapped."""
+    t2v = torch.stack([(row * torch.softmax(lam * row, 0)).sum() for row in s]).mean()
+    v2t = torch.stack([(col * torch.softmax(lam * col, 0)).sum() for col in s.T]).mean()
+    return 0.5 * (t2v + v2t)
+
+
+def naive_scores(model: ProTA, t, v) -> dict[str, torch.Tensor]:
+    """The three terms and the score, token pair by token pair, from the formulas of the module doc:
+    - low: the cosine of the means;
+    - high: mean_s exp(-||z_t - z_v||^2 / (2 s^2)), z = normalize(GELU(W mu + b)) with each modality's own
+      lift (W, b), on distances in that space (not cosines);
+    - prob: -(||mu_a - mu_b||^2 + ||sigma_a - sigma_b||^2) of the unit-mean, sigma / sqrt(D) Gaussians."""
+    cfg, d = model.cfg, t.mu.shape[-1]
+    wt, bt = model.text_high.lift.weight, model.text_high.lift.bias
+    wv, bv = model.video_high.lift.weight, model.video_high.lift.bias
+    out = {k: torch.zeros(t.mu.shape[0], v.mu.shape[0]) for k in ("low", "high", "prob", "score")}
+    for a in range(t.mu.shape[0]):
+        for b in range(v.mu.shape[0]):
+            tm, vm = t.mu[a][t.mask[a]], v.mu[b][v.mask[b]]  # valid tokens only
+            ts, vs = t.sigma[a][t.mask[a]] / d**0.5, v.sigma[b][v.mask[b]] / d**0.5
+            tu, vu = tm / tm.norm(dim=-1, keepdim=True), vm / vm.norm(dim=-1, keepdim=True)
+            zt = [F.gelu(wt @ x + bt) for x in tm]
+            zv = [F.gelu(wv @ y + bv) for y in vm]
+            zt, zv = [z / z.norm() for z in zt], [z / z.norm() for z in zv]
+            low = torch.tensor([[float(x @ y) for y in vu] for x in tu])
+            gram = torch.tensor(
+                [
+                    [
+                        sum(np.exp(-float(((x - y) ** 2).sum()) / (2 * s * s)) for s in cfg.kernel_sigmas)
+                        / len(cfg.kernel_sigmas)
+                        for y in zv
+                    ]
+                    for x in zt
+                ]
+            )
+            prob = torch.tensor(
+                [
+                    [
+                        -float(((tu[i] - vu[j]) ** 2).sum() + ((ts[i] - vs[j]) ** 2).sum())
+                        for j in range(len(vu))
+                    ]
+                    for i in range(len(tu))
+                ]
+            )
+            terms = {
+                k: naive_aggregate(m, cfg.lam) for k, m in (("low", low), ("high", gram), ("prob", prob))
+            }
+            for k, x in terms.items():
+                out[k][a, b] = x
+            out["score"][a, b] = (
+                cfg.w_low * terms["low"] + cfg.w_high * terms["high"] + cfg.w_prob * terms["prob"]
+            )
+    return out
+
+
+@torch.no_grad()
+def test_scores_match_the_formulas_token_pair_by_token_pair():
+    model, g = tiny_model(), torch.Generator().manual_seed(11)
+    t = model.encode_text(*random_text(g, 3, 5))
+    v = model.encode_video(*random_video(g, 4, 6))
+    want = naive_scores(model, t, v)
+    highs = (model.text_high(t.mu), model.video_high(v.mu))
+    got = score_terms(t, v, model.cfg.lam, model.cfg.kernel_sigmas, *highs)
+    for k in ("low", "high", "prob"):
+        assert torch.allclose(got[k], want[k], atol=1e-5), k
+    assert torch.allclose(model.pair_scores(t, v), want["score"], atol=1e-5)
+
+
+def one_token(mu: torch.Tensor, kind):
+    """A text or video of one token with mean `mu` (k, D) -> k items; sigma 1 everywhere."""
+    return kind(
+        None, mu.unsqueeze(1), torch.ones_like(mu).unsqueeze(1), torch.ones(len(mu), 1, dtype=torch.bool)
+    )
+
+
+@torch.no_grad()
+def test_high_space_is_not_a_function_of_the_low_cosine():
+    """Two videos whose only token has the same cosine with the text's only token (b2 is b1 rotated about
+    a), all sigmas 1: equal low and prob terms, but different high terms, so different pair scores. The
+    high space is a learned lift of its own, so the Gram there is not a monotone transform of the low
+    cosine; in a legacy run (high_dim = 0, the Gram of the low cosine) the two videos tie."""
+    d, g = 16, torch.Generator().manual_seed(12)
+    a, r1, r2 = torch.randn(3, d, generator=g)
+    a = F.normalize(a, dim=0)
+    e1 = F.normalize(r1 - (r1 @ a) * a, dim=0)  # Gram-Schmidt: e1, e2 orthonormal, both orthogonal to a
+    e2 = F.normalize(r2 - (r2 @ a) * a - (r2 @ e1) * e1, dim=0)
+    b1, b2 = 0.6 * a + 0.8 * e1, 0.6 * a + 0.8 * e2  # unit vectors, cos(a, b1) = cos(a, b2) = 0.6
+    text, video = one_token(a[None], TextTokens), one_token(torch.stack([b1, b2]), VideoTokens)
+    model = tiny_model()
+    cfg = model.cfg
+    highs = (model.text_high(text.mu), model.video_high(video.mu))
+    terms = score_terms(text, video, cfg.lam, cfg.kernel_sigmas, *highs)
+    assert torch.allclose(terms["low"][0], torch.tensor([0.6, 0.6]), atol=1e-5)
+    assert torch.allclose(terms["prob"][0, 0], terms["prob"][0, 1], atol=1e-5)
+    assert (terms["high"][0, 0] - terms["high"][0, 1]).abs() > 1e-3, terms["high"]
+    scores = model.pair_scores(text, video)[0]
+    assert (scores[0] - scores[1]).abs() > 1e-3 * cfg.w_high, scores
+    legacy = score_terms(text, video, cfg.lam, cfg.kernel_sigmas)  # no lift: the Gram of the low cosine
+    assert torch.allclose(legacy["high"][0, 0], legacy["high"][0, 1], atol=1e-6)
+
+
+def test_high_space_has_its_own_parameters_and_learns():
+    """The lifts are separate parameters (4 D wide by default, one per modality, equal at init), and the
+    loss reaches both: through the high term only (w_high = 0: no gradient)."""
+    g = torch.Generator().manual_seed(14)
+    ids, lengths = random_text(g, 6, 5)
+    frames, mask = random_video(g, 6, 7)
+    for w_high in (0.5, 0.0):
+        model = tiny_model(dropout=0.0, w_high=w_high).train()
+        assert model.text_high.lift.weight.shape == (64, 16)  # high_dim None: 4 * embed_dim
+        assert torch.equal(model.text_high.lift.weight, model.video_high.lift.weight)
+        assert model.text_high.lift.weight.data_ptr() != model.video_high.lift.weight.data_ptr()
+        t, v = model.encode_text(ids, lengths), model.encode_video(frames, mask)
+        ProTALoss.of(model.cfg)(model.pair_scores(t, v), t, v)[0].backward()
+        for head in (model.text_high, model.video_high):
+            grad = head.lift.weight.grad
+            assert (grad is not None and grad.abs().sum() > 0) if w_high else (grad is None or not grad.any())
+    assert tiny_model(high_dim=40).video_high.lift.out_features == 40
+
+
+@torch.no_grad()
+def test_runs_saved_before_the_high_space_load_and_score_as_trained():
+    """A run's config without `high_dim` predates the lift: it loads (no high heads, strict state dict) and
+    its high term is the Gram of the low cosine, the score it was trained with."""
+    cfg = tiny_cfg().to_dict()
+    del cfg["high_dim"]
+    legacy_cfg = ProTAConfig.from_dict(cfg)
+    assert legacy_cfg.high_dim == 0 and legacy_cfg.high_features == 0
+    assert ProTAConfig.from_dict(tiny_cfg().to_dict()).high_features == 64  # new runs keep their lift
+    torch.manual_seed(0)
+    legacy = ProTA(legacy_cfg).eval()
+    assert legacy.text_high is None and not any("_high." in k for k in legacy.state_dict())
+    legacy.load_state_dict({k: v for k, v in tiny_model().state_dict().items() if "_high." not in k})
+    g = torch.Generator().manual_seed(15)
+    t = legacy.encode_text(*random_text(g, 2, 4))
+    v = legacy.encode_video(*random_video(g, 3, 5))
+    got = legacy.pair_scores(t, v)
+    cos = torch.einsum("and,bmd->abnm", F.normalize(t.mu, dim=-1), F.normalize(v.mu, dim=-1))
+    d2 = 2 - 2 * cos
+    gram = sum(torch.exp(-d2 / (2 * s * s)) for s in (0.5, 1.0, 2.0)) / 3
+    high = partial_aggregate(gram, t.mask, v.mask, 10.0)
+    terms = score_terms(t, v, 10.0, (0.5, 1.0, 2.0))
+    assert torch.allclose(terms["high"], high, atol=1e-6)
+    assert torch.allclose(got, terms["low"] + 0.5 * high + 0.25 * terms["prob"], atol=1e-6)
 
 
 @torch.no_grad()

@@ -4,6 +4,18 @@ The video side sees cached backbone features (models/data/video.py): regions (B,
 frame tokens (B, F, D) (the mean over regions) for ProTA. An epoch visits every training video once with
 one of its captions drawn at random (square batches, diagonal positives), as for the image models; the
 state with the best validation rSum is kept and the test split is scored at the end.
+
+Every ViSERN objective is trained the same way, as for the image models (models/train/image_text.py): the
+learning rate warms up linearly over the first epoch, then decays (`fit`'s schedule), and the first
+`warmup_epochs` epochs train `warmup_loss` whatever `loss` is. Before, Triplet-HN alone started with an
+epoch of its all-negatives variant (Triplet-SH) and every other loss started with itself: a warm-up
+objective specific to one loss. Now the warm-up objective is one setting for all losses. Its default
+stays "triplet_sh" (one epoch), because the hardest-negative hinge from the first step collapses ViSERN
+on MovingShapes (measured with the learning-rate ramp alone: after the first epoch the loss sits at 0.48,
+about 2 x the margin, the value when every positive scores like its hardest negative, and val t2v R@1 is
+0.3%, chance); `warmup_loss=None` trains `loss` from the first step. ProTA trains its own adaptive
+contrastive loss throughout (it scores token sets, not a similarity matrix of embeddings, so no `LOSSES`
+objective can stand in for it): `warmup_loss` does not apply to it.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from xmr.models.errors import InputError
 from xmr.models.evaluate.video import evaluate_video
 from xmr.models.losses import make_loss
 from xmr.models.tokenizer import TextLimits, encode_batch, train_tokenizer
+from xmr.models.train.image_text import make_warmup_loss
 from xmr.models.train.loop import FitConfig, Task, Validation, fit, seed_everything
 from xmr.models.video.inputs import video_inputs
 from xmr.models.video.prota import ProTA, ProTAConfig, ProTALoss
@@ -41,7 +54,11 @@ class VideoTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     loss: str = "triplet_hn"  # ViSERN's objective (ProTA has its own adaptive contrastive loss)
-    warmup_epochs: int = 1  # ViSERN: all-negatives hinge first
+    # ViSERN: objective of the first `warmup_epochs` epochs whatever `loss` is, the same for every loss:
+    # "triplet_sh" (VSE's all-negatives hinge; Triplet-HN collapses without it), a LOSSES key, or None (the
+    # main loss from the first step). ProTA ignores it (its own loss throughout).
+    warmup_loss: str | None = "triplet_sh"
+    warmup_epochs: int = 1
     grad_clip: float = 2.0
     seed: int = 0
     data_overrides: dict | None = None  # MovingShapesConfig fields (tests use tiny splits)
@@ -79,11 +96,10 @@ class VideoTask(Task):
             self.main_loss = self.warm_loss = ProTALoss.of(self.model.cfg)  # w_global: the first stage
         else:
             self.main_loss = make_loss(cfg.loss)
-            self.warm_loss = (
-                make_loss(cfg.loss, hardest=False) if cfg.loss == "triplet_hn" else self.main_loss
-            )
-            if self.main_loss.needs_relevance:
-                raise InputError(f"loss {cfg.loss!r} needs continuous labels, which video data does not have")
+            self.warm_loss = make_warmup_loss(cfg.warmup_loss) or self.main_loss
+            for name, loss_fn in ((cfg.loss, self.main_loss), (cfg.warmup_loss, self.warm_loss)):
+                if loss_fn.needs_relevance:
+                    raise InputError(f"loss {name!r} needs continuous labels, which video data does not have")
         self.size = len(train_split)
 
     def loss(self, batch: np.ndarray, rng: np.random.Generator, epoch: int) -> torch.Tensor:
@@ -116,6 +132,7 @@ class VideoTask(Task):
 
 def train_video(cfg: VideoTrainConfig, out: Path, model_overrides: dict | None = None) -> dict:
     """Train, keep the best-on-val state, evaluate on test, write the run folder; returns its metrics."""
+    make_warmup_loss(cfg.warmup_loss)  # an unknown name fails before the data loads
     seed_everything(cfg.seed)
     task = VideoTask(cfg, model_overrides)
     return fit(task, FitConfig.of(cfg), out, rng=np.random.default_rng(cfg.seed)).metrics

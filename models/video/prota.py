@@ -2,9 +2,9 @@
 
 Paper: "ProTA: Probabilistic Token Aggregation for Text-Video Retrieval" (only its abstract was available).
 What follows the abstract's words:
-- Dual partial-related aggregation of text tokens and frame tokens, in a low-dimension space (cosine
-  similarity of token means) and a high-dimension space (a multi-kernel Gaussian Gram matrix, i.e. an
-  RBF feature space): `l(t_i -> v) = sum_j s_ij softmax_j(lam s_ij)`, and v -> t symmetrically.
+- Dual partial-related aggregation: token representations are disentangled into a low-dimension space
+  and a high-dimension space, and re-aggregated in each with the same partial-related aggregation
+  `l(t_i -> v) = sum_j s_ij softmax_j(lam s_ij)`, and v -> t symmetrically.
 - Token-based probabilistic alignment: every token is a diagonal Gaussian N(mu, sigma^2); tokens are compared
   with the closed-form 2-Wasserstein distance `||mu_a - mu_b||^2 + ||sigma_a - sigma_b||^2` (no sampling, so
   inference is deterministic).
@@ -15,14 +15,31 @@ Reconstructed (no method section was available), with the defaults chosen here (
 - Towers: frame features -> linear + learned positions -> `temporal_layers` masked Transformer blocks ->
   Gaussian heads (mu, sigma = softplus + 1e-4); text -> RVSE's `TextTower.tokens` -> the tower's own
   projection as the mu head, a second linear as the sigma head.
+- The two spaces. Low: the token means mu themselves (D = embed_dim), compared by cosine. High: a second,
+  learned space of its own, `high_dim` = 4 D by default: each modality has a lift `HighHead`
+  (`text_high`, `video_high`) taking every token's mu to `z = normalize(GELU(W mu + b))` in R^{4D}; the
+  similarity there is a multi-kernel Gaussian Gram matrix on the distances between lifted tokens,
+  `K_ij = mean_s exp(-||z_ti - z_vj||^2 / (2 s^2))`, widths s = (0.5, 1, 2) (unit vectors, so the
+  distances lie in [0, 2] whatever the dimension). What disentangles the two: separate parameters and a
+  separate space. The lift reads the whole mean (its norm too, which the cosine discards) through a
+  non-linearity, so the high score of a token pair is not a function of its low cosine (two pairs with
+  the same cosine score differently: tests/test_prota.py), and the loss shapes it through its own weights.
+  The two lifts start equal (a random GELU feature map, under which lifted cosines roughly follow the low
+  ones) and drift apart in training. The lift reads mu, not the towers' hidden states, so the served
+  towers' outputs, the stored gallery (mu, sigma) and the pair scorer's inputs are what they were: the
+  pair scorer applies the lifts itself: per shortlist of K videos of M frames a (K M, D) x (D, 4D)
+  product, the larger part of its arithmetic (perf/figures/prota_rerank.md has the times). Runs saved
+  before the lift (their config has no `high_dim`) load with `high_dim = 0` and keep the score they were
+  trained with: the Gram of the low-dimension cosine.
 - Aggregation: masked mean over the valid tokens of one side of the per-token scores, both directions
-  averaged; lam = 10. Gram kernel widths (0.5, 1, 2) on unit-norm means, averaged over the widths.
+  averaged; lam = 10. The Gram is averaged over its widths.
 - The Gaussians are compared on the unit sphere's scale: mean mu / ||mu||, std sigma / sqrt(D). The prior
   N(0, I) of the KL term then has total variance 1, the same scale as a unit mean, and the W2 term stays
   comparable to the cosine terms for any D. Token-level probabilistic similarity is -W2^2, aggregated like
   the low-dimension path.
 - Score = w_low * low + w_high * high + w_prob * prob with weights (1, 0.5, 0.25): per unit of cosine each
-  term then moves the score by a similar amount (-W2^2 of unit means is 2 cos - 2, the Gram slope <= 1.75).
+  term then moves the score by a similar amount (-W2^2 of unit means is 2 cos - 2; the Gram's slope in
+  the cosine of its own space is <= 1.75).
 - Adaptive margin: for a positive pair, m = margin * (mean sigma of the text tokens + mean sigma of the
   frames) / 2, subtracted from the positive's score before a symmetric InfoNCE (tau = 0.05). Uncertain
   pairs must win by more; the gradient reaches sigma, which, with the KL term pulling sigma towards 1, is
@@ -86,6 +103,9 @@ class ProTAConfig:
     # scoring
     lam: float = 10.0  # aggregation sharpness: 0 = plain mean over tokens, large = max
     kernel_sigmas: tuple[float, ...] = (0.5, 1.0, 2.0)  # Gram widths on unit vectors (distances in [0, 2])
+    # the high-dimension space: a learned lift of every token's mu to `high_dim` dims (None: 4 * embed_dim);
+    # 0 = no lift, the Gram of the low-dimension cosine (runs saved before the lift existed load this way)
+    high_dim: int | None = None
     w_low: float = 1.0  # cosine aggregation
     w_high: float = 0.5  # Gram aggregation (steeper in cosine near 1, so a smaller weight)
     w_prob: float = 0.25  # -W2^2 aggregation (twice the cosine's slope, so a quarter)
@@ -99,11 +119,17 @@ class ProTAConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def high_features(self) -> int:
+        """The size of the high-dimension space; 0 when there is none (the legacy Gram of the low cosine)."""
+        return 4 * self.embed_dim if self.high_dim is None else self.high_dim
+
     @classmethod
     def from_dict(cls, d: dict) -> ProTAConfig:
         d = dict(d)
         if "kernel_sigmas" in d:
             d["kernel_sigmas"] = tuple(d["kernel_sigmas"])
+        d.setdefault("high_dim", 0)  # a run saved before the high-dimension lift: score it as it was trained
         return cls(**d)
 
 
@@ -173,15 +199,25 @@ def partial_aggregate(sim: torch.Tensor, text_valid: torch.Tensor, video_valid: 
     return 0.5 * (t2v + v2t)
 
 
-def score_terms(text: TextTokens, video: VideoTokens, lam: float, kernel_sigmas: tuple[float, ...]):
-    """The three (Bt, Bv) scores: low (cosine), high (Gram), prob (-W2^2), each aggregated over tokens."""
+def score_terms(
+    text: TextTokens,
+    video: VideoTokens,
+    lam: float,
+    kernel_sigmas: tuple[float, ...],
+    text_high: torch.Tensor | None = None,
+    video_high: torch.Tensor | None = None,
+):
+    """The three (Bt, Bv) scores: low (cosine), high (Gram), prob (-W2^2), each aggregated over tokens.
+    `text_high` (Bt, N, H) / `video_high` (Bv, M, H): the tokens' unit vectors in the high-dimension space
+    (`HighHead`), where the Gram is computed; without them (legacy runs) the Gram reads the low cosine."""
     t_mu, t_sigma = to_sphere(text.mu, text.sigma)
     v_mu, v_sigma = to_sphere(video.mu, video.sigma)
     cos = token_dot(t_mu, v_mu)  # (Bt, Bv, N, M)
+    high_cos = cos if text_high is None or video_high is None else token_dot(text_high, video_high)
     prob = -wasserstein2(t_mu, t_sigma, v_mu, v_sigma)
     return {
         "low": partial_aggregate(cos, text.mask, video.mask, lam),
-        "high": partial_aggregate(gaussian_gram(cos, kernel_sigmas), text.mask, video.mask, lam),
+        "high": partial_aggregate(gaussian_gram(high_cos, kernel_sigmas), text.mask, video.mask, lam),
         "prob": partial_aggregate(prob, text.mask, video.mask, lam),
     }
 
@@ -200,6 +236,19 @@ class GaussianHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mu(x), F.softplus(self.sigma(x)) + 1e-4
+
+
+class HighHead(nn.Module):
+    """Token means mu (..., D) -> unit vectors (..., H) of the high-dimension space:
+    `normalize(GELU(W mu + b))`, H = 4 D by default. One per modality; the pair scorer applies it (the
+    towers' outputs stay mu and sigma, so the served gallery is unchanged)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.lift = nn.Linear(d_in, d_out)
+
+    def forward(self, mu: torch.Tensor) -> torch.Tensor:
+        return F.normalize(F.gelu(self.lift(mu)), dim=-1)
 
 
 class VideoTower(nn.Module):
@@ -249,6 +298,12 @@ class ProTA(nn.Module):
         self.video_head = GaussianHead(cfg.embed_dim, cfg.embed_dim)
         self.text_global = identity_linear(cfg.embed_dim)  # global (first-stage) projections
         self.video_global = identity_linear(cfg.embed_dim)
+        if cfg.high_features > 0:  # the high-dimension space: its own lift per modality, the same at init
+            self.text_high = HighHead(cfg.embed_dim, cfg.high_features)
+            self.video_high = HighHead(cfg.embed_dim, cfg.high_features)
+            self.video_high.load_state_dict(self.text_high.state_dict())
+        else:
+            self.text_high = self.video_high = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Runs saved before the global projections existed load with them at the identity."""
@@ -274,7 +329,10 @@ class ProTA(nn.Module):
     def pair_scores(self, text: TextTokens, video: VideoTokens) -> torch.Tensor:
         """(Bt, Bv) token-level score of every text against every video; higher = closer."""
         cfg = self.cfg
-        terms = score_terms(text, video, cfg.lam, cfg.kernel_sigmas)
+        highs = (None, None)  # legacy runs (high_dim = 0): the Gram of the low cosine
+        if self.text_high is not None:
+            highs = (self.text_high(text.mu), self.video_high(video.mu))  # (Bt, N, H), (Bv, M, H)
+        terms = score_terms(text, video, cfg.lam, cfg.kernel_sigmas, *highs)
         return cfg.w_low * terms["low"] + cfg.w_high * terms["high"] + cfg.w_prob * terms["prob"]
 
     # The exported parts are `encode_text`, `encode_video` and `rerank`; their tensor names, dtypes and
@@ -282,7 +340,8 @@ class ProTA(nn.Module):
     # prota_pair_scorer_spec).
     def rerank(self, text_mu, text_sigma, lengths, video_mu, video_sigma, frame_mask) -> torch.Tensor:
         """The served pair scorer: one query's token Gaussians (1, N, D) x2 with its length (1,) against a
-        shortlist of K videos' (K, M, D) x2 with their frame mask (K, M) -> scores (K,)."""
+        shortlist of K videos' (K, M, D) x2 with their frame mask (K, M) -> scores (K,). The high-dimension
+        lifts of both sides are computed here, from the means."""
         text_valid = torch.arange(text_mu.shape[1], device=text_mu.device).unsqueeze(0) < lengths.unsqueeze(1)
         text = TextTokens(None, text_mu, text_sigma, text_valid)
         video = VideoTokens(None, video_mu, video_sigma, frame_mask)
