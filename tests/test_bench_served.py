@@ -93,6 +93,6 @@ def test_a_short_run_writes_every_output(tiny_repository, tmp_path):
     assert len(ratios) == 4 and all(float(r["served_over_in_process"]) > 0 for r in ratios)
     hops = list(csv.DictReader((out / "served_hops.csv").open()))
     assert {"image_embed", "preprocess", "image_encoder"} <= {
-        h["hop"] for h in hops if h["endpoint"] == "image_embed"
+        h["model"] for h in hops if h["endpoint"] == "image_embed"
     }
     assert (out / "served.png").read_bytes()[:4] == b"\x89PNG"
