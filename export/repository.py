@@ -160,6 +160,31 @@ def onnx_tower(artifact: str) -> Served:
 # development machine's core count: raise `count` in config.pbtxt on a larger CPU.
 SEARCH_INSTANCES = 2
 
+
+def one_hop_text_search(tower: str) -> Served:
+    """The cpu target's one-hop text search (`TextSearchModel`) over a family's tokenizer, text tower
+    (whose I/O spec is served model `tower`'s) and gallery, with `SEARCH_INSTANCES` instances."""
+    return Served(
+        "TextSearchModel",
+        {
+            "max_tokens": Fact("max_tokens"),
+            "max_bytes": Fact("max_bytes"),
+            "threads": "1",
+            "index": "flat",
+            "max_k": "1000",
+        },
+        {
+            "tokenizer.json": "tokenizer.json",
+            "model.onnx": "text_encoder.onnx",
+            "gallery.npy": "gallery.npy",
+            "gallery_ids.npy": "gallery_ids.npy",
+        },
+        dynamic_batching=True,
+        specs={"text_encoder.spec.json": tower},
+        instances=SEARCH_INSTANCES,
+    )
+
+
 MODELS: dict[str, Served] = {
     "tokenizer": Served(
         "TokenizerModel",
@@ -218,47 +243,9 @@ MODELS: dict[str, Served] = {
         dynamic_batching=True,
         specs={"moment_model.spec.json": "moment_model"},
     ),
-    # the cpu target's text_search (FORMS): tokenizer + text tower + gallery top-k in one python model
-    "text_search": Served(
-        "TextSearchModel",
-        {
-            "max_tokens": Fact("max_tokens"),
-            "max_bytes": Fact("max_bytes"),
-            "threads": "1",
-            "index": "flat",
-            "max_k": "1000",
-        },
-        {
-            "tokenizer.json": "tokenizer.json",
-            "model.onnx": "text_encoder.onnx",
-            "gallery.npy": "gallery.npy",
-            "gallery_ids.npy": "gallery_ids.npy",
-        },
-        dynamic_batching=True,
-        specs={"text_encoder.spec.json": "text_encoder"},
-        instances=SEARCH_INSTANCES,
-    ),
-    # the cpu target's text_video_search (FORMS): the same one-hop model over the video family's tower and
-    # video gallery
-    "text_video_search": Served(
-        "TextSearchModel",
-        {
-            "max_tokens": Fact("max_tokens"),
-            "max_bytes": Fact("max_bytes"),
-            "threads": "1",
-            "index": "flat",
-            "max_k": "1000",
-        },
-        {
-            "tokenizer.json": "tokenizer.json",
-            "model.onnx": "text_encoder.onnx",
-            "gallery.npy": "gallery.npy",
-            "gallery_ids.npy": "gallery_ids.npy",
-        },
-        dynamic_batching=True,
-        specs={"text_encoder.spec.json": "video_text_encoder"},
-        instances=SEARCH_INSTANCES,
-    ),
+    # the cpu target's text searches (FORMS): tokenizer + text tower + gallery top-k in one python model
+    "text_search": one_hop_text_search("text_encoder"),
+    "text_video_search": one_hop_text_search("video_text_encoder"),
 }
 
 
