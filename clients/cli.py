@@ -387,10 +387,23 @@ def search(
     protocol: Protocol = typer.Option(Protocol.grpc),
     url: str | None = typer.Option(None, help="server address (default 127.0.0.1:8001 grpc / :8000 http)"),
     videos: bool = typer.Option(False, "--videos", help="search the video gallery (text_video_search)"),
+    rerank: bool = typer.Option(
+        False,
+        "--rerank",
+        help="with --videos: ProTA's shortlist re-ranked by its pair scorer (text_video_rerank)",
+    ),
 ):
-    """Query the served text_search (or text_video_search) ensemble; print the top-k ids with scores."""
+    """Query the served text_search (or text_video_search, text_video_rerank); print the top-k ids with
+    scores."""
+    if rerank and not videos:
+        raise typer.BadParameter(
+            "--rerank re-ranks the video search: pass --videos too", param_hint="--rerank"
+        )
     client = XmrClient(url, protocol.value)
-    result = client.text_video_search([text], k) if videos else client.text_search([text], k)
+    if rerank:
+        result = client.text_video_rerank([text], k)
+    else:
+        result = client.text_video_search([text], k) if videos else client.text_search([text], k)
     item = "video id" if videos else "gallery id"
     console.print(f"query: {text!r}")
     for rank, (i, s) in enumerate(zip(result.ids[0], result.scores[0], strict=True), 1):

@@ -76,11 +76,11 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "text_search": Recipe({"text": "caption", "top_k": "top_k"}),
     "image_embed": Recipe({"image": "image"}),
-    # announced ensembles, their specs not merged yet: inputs filled by dtype (text: captions, uint8:
-    # Shapes frames, bool: all true, float: N(0, 1)); name them here once their specs exist
+    # inputs filled by dtype (text: captions, uint8: Shapes frames, bool: all true, float: N(0, 1))
     "text_video_search": Recipe(),
     "video_embed": Recipe(sizes={"frames": DEFAULT_DIM}),
     "moment_search": Recipe(),
+    "text_video_rerank": Recipe(),  # ProTA's two-stage search (a BLS model)
 }
 
 
@@ -90,6 +90,7 @@ HOSTILE: dict[str, tuple[Mapping[str, str], ...]] = {
     "text_video_search": ({"text": "empty_text"}, {"top_k": "zeros"}),
     "moment_search": ({"video_id": "unknown_id"}, {"text": "invalid_utf8"}, {"top_k": "zeros"}),
     "video_embed": ({"frame_mask": "zeros"},),
+    "text_video_rerank": ({"text": "empty_text"}, {"top_k": "zeros"}),
 }
 HOSTILE_SUFFIX = " (hostile)"  # the Locust name of an ensemble's hostile requests
 HOSTILE_STATUS = "StatusCode.INVALID_ARGUMENT"

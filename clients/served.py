@@ -269,6 +269,72 @@ def check_video(client: XmrClient, artifacts: Path, n: int = 32, tol: float = 1e
 
 
 @dataclass
+class RerankCheckReport:
+    rows_agreeing: int  # queries whose served top-k ids equal the reference's (up to ties within tol)
+    rows: int
+    max_abs_err: float  # over the re-ranking scores of every query
+    served_recall: dict[str, float]
+    reference_recall: dict[str, float]
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rows_agreeing == self.rows and self.max_abs_err <= self.tol
+
+
+def ranks_agree(served_ids: np.ndarray, ref_ids: np.ndarray, ref_scores: np.ndarray, tol: float) -> bool:
+    """Equal rankings, except that two items whose reference scores are within `tol` may swap places."""
+    if served_ids.shape != ref_ids.shape:
+        return False
+    tied = np.zeros(len(ref_ids), bool)
+    close = np.abs(np.diff(ref_scores)) <= tol
+    tied[:-1] |= close
+    tied[1:] |= close
+    return bool(((served_ids == ref_ids) | tied).all())
+
+
+def check_rerank(client: XmrClient, artifacts: Path, n: int = 32, tol: float = 1e-4) -> RerankCheckReport:
+    """The first `n` test captions through the served `text_video_rerank` against the same two stages in
+    process: the PyTorch text tower and pair scorer, FAISS over the artifact's global gallery, the
+    artifact's token store, the served shortlist size and fusion weight (`repository.MODELS`)."""
+    from xmr.export.manifest import read_manifest
+    from xmr.export.repository import MODELS
+    from xmr.export.scoring import ArtifactTask, run_of
+    from xmr.models.tokenizer import TextLimits, encode_batch
+    from xmr.models.video.two_stage import VideoGallery, encode_queries, faiss_first_stage, two_stage_search
+
+    params = MODELS["text_video_rerank"].parameters
+    size, fuse = int(params["shortlist"]), float(params["fuse"])
+    task = ArtifactTask.of(read_manifest(artifacts))
+    folder = Path(artifacts)
+    embeddings = np.load(folder / "gallery.npy")
+    mu, sigma, mask, ids = (np.load(folder / f"gallery_{x}.npy") for x in ("mu", "sigma", "mask", "ids"))
+    gallery = VideoGallery(embeddings, mu, sigma, mask, ids)
+    split = task.split("test", len(gallery))
+    texts = split.flat_captions()[:n]
+    targets = split.caption_video_index()[:n]
+    run = run_of(task.torch_runners())
+    tokens, lengths = encode_batch(task.tokenizer, texts, TextLimits(max_tokens=task.model.cfg.max_tokens))
+    first = faiss_first_stage(gallery)
+    k = min(max(KS), size)
+    reference = [
+        two_stage_search(run, first, gallery, q, k, size, fuse) for q in encode_queries(run, tokens, lengths)
+    ]
+    served = client.text_video_rerank(texts, k)
+    agree = [ranks_agree(served.ids[i], r[0], r[1], tol) for i, r in enumerate(reference)]
+    ref_scores = np.stack([r[1] for r in reference])
+    ks = [x for x in KS if x <= k]
+    return RerankCheckReport(
+        int(sum(agree)),
+        len(agree),
+        float(np.abs(served.scores - ref_scores).max()),
+        _recall(served.ids, targets, ks),
+        _recall(np.stack([r[0] for r in reference]), targets, ks),
+        tol,
+    )
+
+
+@dataclass
 class MomentCheckReport:
     rows_agreeing: int  # queries whose served windows equal the reference's (count, values within tol)
     rows: int
@@ -355,7 +421,19 @@ def check_artifact(client: XmrClient, artifacts: Path, n: int = 32, tol: float =
             f"tolerance {tol:g}",
             f"served / in-process: {recall}",
         ]
-        return FamilyCheck("video", r.ok, lines)
+        ok = r.ok
+        if (Path(artifacts) / "gallery_mu.npy").is_file():  # ProTA's token store: text_video_rerank is served
+            rr = check_rerank(client, artifacts, n, tol)
+            recall = ", ".join(
+                f"{key} {rr.served_recall[key]:.1f}/{rr.reference_recall[key]:.1f}"
+                for key in rr.served_recall
+            )
+            lines.append(
+                f"re-ranked (text_video_rerank): rankings equal (up to ties): {rr.rows_agreeing}/{rr.rows}; "
+                f"scores max abs err {rr.max_abs_err:.2e}; served / in-process: {recall}"
+            )
+            ok &= rr.ok
+        return FamilyCheck("video", ok, lines)
     r = check_moments(client, artifacts, n, tol=max(tol, 1e-3))
     line = (
         f"windows equal: {r.rows_agreeing}/{r.rows} queries; max abs err {r.max_abs_err:.2e} "

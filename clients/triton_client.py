@@ -1,5 +1,5 @@
 """gRPC and HTTP clients for the served ensembles (`text_search`, `image_embed`, `text_video_search`,
-`video_embed`, `moment_search`).
+`video_embed`, `moment_search`) and ProTA's two-stage `text_video_rerank`.
 
 Tensor names and dtypes come from the I/O specs in `xmr.export.iospec`, the same ones that wrote the
 server's `config.pbtxt`. Server-side errors (bad text, wrong dtype, unknown model) surface as
@@ -19,6 +19,7 @@ from xmr.export.iospec import (
     image_embed_spec,
     moment_search_spec,
     text_search_spec,
+    text_video_rerank_spec,
     text_video_search_spec,
     video_embed_spec,
     visern_video_encoder_spec,
@@ -31,6 +32,7 @@ DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 TEXT_SEARCH: ModelSpec = text_search_spec(embed_dim=-1)
 IMAGE_EMBED: ModelSpec = image_embed_spec(embed_dim=-1, image_size=-1)
 TEXT_VIDEO_SEARCH: ModelSpec = text_video_search_spec(embed_dim=-1)
+TEXT_VIDEO_RERANK: ModelSpec = text_video_rerank_spec()
 MOMENT_SEARCH: ModelSpec = moment_search_spec()
 # ViSERN's spec; a ProTA server takes `frames` (B, F, D) instead of `regions` (B, F, K, D): same dtypes
 VIDEO_EMBED: ModelSpec = video_embed_spec(visern_video_encoder_spec(-1, -1, -1))
@@ -40,8 +42,8 @@ FRAMES = TensorSpec("frames", "float32", ("batch", "frames", -1))
 @dataclass
 class SearchResult:
     ids: np.ndarray  # (B, k) int64 gallery ids, best first
-    scores: np.ndarray  # (B, k) float32 cosine similarities
-    text_embedding: np.ndarray  # (B, D) float32, the served text tower's output
+    scores: np.ndarray  # (B, k) float32 cosine similarities (text_video_rerank: its re-ranking score)
+    text_embedding: np.ndarray | None  # (B, D) float32, the served text tower's output (not re-ranked)
 
 
 class XmrClient:
@@ -123,6 +125,19 @@ class XmrClient:
         return SearchResult(
             result.as_numpy("ids"), result.as_numpy("scores"), result.as_numpy("text_embedding")
         )
+
+    def text_video_rerank(self, texts: list[str], k: int = 5) -> SearchResult:
+        """ProTA's two-stage search: the first stage's shortlist re-ranked by the pair scorer -> top-k video
+        ids and their re-ranking scores for each text (k is cut to the served shortlist)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        text = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
+        top_k = np.full((len(texts), 1), k, dtype=np.int64)
+        spec = TEXT_VIDEO_RERANK
+        result = self._infer(
+            spec.name, [self._input(spec, "text", text), self._input(spec, "top_k", top_k)], spec.output_names
+        )
+        return SearchResult(result.as_numpy("ids"), result.as_numpy("scores"), None)
 
     def video_embed(self, video: np.ndarray, frame_mask: np.ndarray) -> np.ndarray:
         """(B, D) embeddings from the served video tower: ViSERN's region features (B, F, K, D) or ProTA's

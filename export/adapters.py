@@ -94,13 +94,15 @@ class OnnxModel(PythonModel):
 
     All requests of a dynamic batch run as one ONNX Runtime call (dynamic dims padded to the longest, e.g.
     token ids; the towers' masks make the padding invisible), then the outputs are split back per request.
+    A graph without a batch dim (ProTA's pair scorer: one query against a shortlist) runs each request alone.
     """
 
     def load(self, folder: Path, params: dict[str, str]) -> None:
         self.runner = OnnxRunner(folder / "model.onnx", self.spec, threads=int(params["threads"]))
 
     def run(self, inputs: list[Arrays]) -> list[Arrays | InputError]:
-        return [guarded(self.spec, r) for r in self.runner.run_requests(inputs)]
+        results = self.runner.run_requests(inputs) if self.spec.batched else each(inputs, self.runner.run)
+        return [guarded(self.spec, r) for r in results]
 
 
 class TokenizerModel(PythonModel):

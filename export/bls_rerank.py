@@ -1,41 +1,41 @@
 """ProTA's two-stage search served as one Triton python-backend model with Business Logic Scripting (BLS).
 
 A fixed ensemble cannot loop over the queries of a batch nor gather a data-dependent shortlist, so this
-model drives the other served models itself with `pb_utils.InferenceRequest(...).exec()`:
+model (served as `text_video_rerank`) drives the other served models itself with
+`pb_utils.InferenceRequest(...).exec()`, one request at a time:
 
-    input_ids (B, T) int64, lengths (B,) int64, top_k (B,) int64
-      -> text_encoder  (one BLS call per request)         text_embedding, text_mu, text_sigma
-      -> gallery_topk  (one BLS call per request, k = S)  ids (B, S): the first stage (FAISS over
-                                                          ProTA's global video embeddings)
-      -> pair_scorer   (one BLS call per query)           scores (S,) of that query's shortlist
+    text (B, 1) BYTES, top_k (B,) int64
+      -> video_tokenizer     (one BLS call)       input_ids (B, T), lengths (B,)
+      -> video_text_encoder  (one BLS call)       text_embedding, text_mu, text_sigma
+      -> video_gallery_topk  (one BLS call, k=S)  ids (B, S): the first stage (FAISS over ProTA's global
+                                                  video embeddings, the gallery `text_video_search` serves)
+      -> video_pair_scorer   (one call a query)   scores (S,) of that query's shortlist
       -> merge: the top `top_k` of each shortlist by the token-level score -> ids (B, k), scores (B, k)
 
 The pair scorer needs the shortlisted videos' token Gaussians: the version folder holds them with the ids
-that gallery_topk returns (`gallery_ids.npy` (N,) int64, `gallery_mu.npy` / `gallery_sigma.npy` (N, M, D)
-float32, `gallery_mask.npy` (N, M) bool; `write_gallery` writes them). Config parameters (strings):
-`shortlist` (S, default 50); `fuse` (default 0: rank by the pair score alone; f > 0: by pair score +
-f * the first stage's cosine, see perf/figures/prota_rerank.md); `text_model`, `first_stage_model`,
-`pair_scorer_model` (the served names of the three graphs; defaults text_encoder, gallery_topk,
-pair_scorer). `top_k` is cut to S.
+that the first stage returns (`gallery_ids.npy` (N,) int64, `gallery_mu.npy` / `gallery_sigma.npy`
+(N, M, D) float32, `gallery_mask.npy` (N, M) bool; the video export writes them with `write_gallery`).
+Config parameters (strings): `shortlist` (S, default 50); `fuse` (default 0: rank by the pair score alone;
+f > 0: by pair score + f * the first stage's cosine, see perf/figures/prota_rerank.md); `tokenizer_model`,
+`text_model`, `first_stage_model`, `pair_scorer_model` (the served names of the called models, defaults
+in `DEFAULT_MODELS`). `top_k` is cut to S.
 
-All the logic is `models/video/two_stage.py`'s, fed a `Run` (`BLSRun`) and a `FirstStage`
-(`BLSFirstStage`) that call the other models; `TwoStageModel.run` takes any `Run` / `FirstStage`, so the
-tests drive it in-process with ONNX Runtime and FAISS, without a server. The answer of a request whose
-query fails (a bad input, or an error from a called model) is that request's own `TritonError`.
-
-Registering it in the repository (config.pbtxt: backend "python", the three inputs/two outputs of
-`bls_rerank_spec`, the called models loaded alongside; model.py:
-`from xmr.export.bls_rerank import TwoStageModel as TritonPythonModel`) is left to export/repository.py.
+All the logic is `models/video/two_stage.py`'s, fed a `Run` (`BLSRun`), a `FirstStage` (`BLSFirstStage`)
+and a tokenizer (`BLSTokenizer`) that call the other models; `answer_queries` takes any of them, so the
+tests drive it in-process with ONNX Runtime and FAISS as well as through the real server. The answer of a
+request whose query fails (a bad input, or an error from a called model, which names it) is that
+request's own `TritonError` (INVALID_ARG); the other requests of the batch are answered.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from xmr.export import pb
-from xmr.export.iospec import ModelSpec, TensorSpec
+from xmr.export.adapters import PythonModel
 from xmr.models.errors import InputError
 from xmr.models.video.two_stage import (
     FirstStage,
@@ -48,27 +48,21 @@ from xmr.models.video.two_stage import (
 )
 
 Arrays = dict[str, np.ndarray]
+Tokenize = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # text (B, 1) -> input_ids, lengths
+# (served model, inputs, wanted outputs) -> outputs: a BLS inference (`bls_call`), or a direct call
+Call = Callable[[str, Arrays, tuple[str, ...]], Arrays]
 GRAPH_OUTPUTS = {
     "text_encoder": ("text_embedding", "text_mu", "text_sigma"),
     "pair_scorer": ("scores",),
 }
-DEFAULT_MODELS = {"text_encoder": "text_encoder", "first_stage": "gallery_topk", "pair_scorer": "pair_scorer"}
+BATCHED = ("text_encoder",)  # the pair scorer is not: its `lengths` (1,) is the whole tensor
+DEFAULT_MODELS = {
+    "tokenizer_model": "video_tokenizer",
+    "text_model": "video_text_encoder",
+    "first_stage_model": "video_gallery_topk",
+    "pair_scorer_model": "video_pair_scorer",
+}
 GALLERY_FILES = ("gallery_ids", "gallery_mu", "gallery_sigma", "gallery_mask")
-
-
-def bls_rerank_spec() -> ModelSpec:
-    return ModelSpec(
-        "prota_search",
-        inputs=(
-            TensorSpec("input_ids", "int64", ("batch", "tokens")),
-            TensorSpec("lengths", "int64", ("batch",)),
-            TensorSpec("top_k", "int64", ("batch",)),
-        ),
-        outputs=(
-            TensorSpec("ids", "int64", ("batch", "k")),
-            TensorSpec("scores", "float32", ("batch", "k")),
-        ),
-    )
 
 
 def write_gallery(folder: Path, gallery: VideoGallery) -> None:
@@ -115,23 +109,36 @@ def bls_call(model: str, inputs: Arrays, outputs: tuple[str, ...]) -> Arrays:
 class BLSRun:
     """A `Run` (export/scoring.py) whose graphs are served models: graph name -> its served model name."""
 
-    def __init__(self, models: dict[str, str]):
-        self.models = models
+    def __init__(self, models: dict[str, str], call: Call = bls_call):
+        self.models, self.call = models, call
 
     def __call__(self, graph: str, feeds: Arrays) -> Arrays:
-        return bls_call(self.models[graph], feeds, GRAPH_OUTPUTS[graph])
+        if graph in BATCHED:  # one value per row goes on the wire as (B, 1) (the config's dims [1])
+            feeds = {k: v.reshape(-1, 1) if v.ndim == 1 else v for k, v in feeds.items()}
+        return self.call(self.models[graph], feeds, GRAPH_OUTPUTS[graph])
 
 
 class BLSFirstStage:
     """A `FirstStage` that asks the served `gallery_topk` model (FAISS over the global video embeddings)."""
 
-    def __init__(self, model: str):
-        self.model = model
+    def __init__(self, model: str, call: Call = bls_call):
+        self.model, self.call = model, call
 
     def __call__(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         top_k = np.full((len(queries), 1), k, np.int64)  # gallery_topk: one k per row, (B, 1) on the wire
-        out = bls_call(self.model, {"query_embedding": queries, "top_k": top_k}, ("ids", "scores"))
+        out = self.call(self.model, {"query_embedding": queries, "top_k": top_k}, ("ids", "scores"))
         return out["ids"], out["scores"]
+
+
+class BLSTokenizer:
+    """A `Tokenize` that asks the served tokenizer model (the family's tokenizer.json, `encode_batch`)."""
+
+    def __init__(self, model: str, call: Call = bls_call):
+        self.model, self.call = model, call
+
+    def __call__(self, text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.call(self.model, {"text": text}, ("input_ids", "lengths"))
+        return out["input_ids"], out["lengths"]
 
 
 # ----------------------------------------------------------------------------- the model
@@ -176,41 +183,50 @@ def pad_results(rows: list[Arrays]) -> Arrays:
     return {"ids": ids, "scores": scores}
 
 
-class TwoStageModel:
-    """`TritonPythonModel`: ProTA's first stage + pair-scorer re-ranking, through BLS (see the module doc)."""
+class TwoStageModel(PythonModel):
+    """`TritonPythonModel`: ProTA's first stage + pair-scorer re-ranking, through BLS (see the module doc).
 
-    spec = bls_rerank_spec()
+    Its boundary check is every python model's (`PythonModel.check`: dtypes, the text's bytes before it is
+    decoded); the called models check what they receive."""
+
     fuse = 0.0
 
-    def initialize(self, args: dict) -> None:
-        folder, params = pb.setup(args)
+    def load(self, folder: Path, params: dict[str, str]) -> None:
         self.gallery = load_gallery(folder)
         self.shortlist = int(params.get("shortlist", "50"))
         self.fuse = float(params.get("fuse", "0"))
-        self.run_graph = BLSRun(
-            {
-                "text_encoder": params.get("text_model", DEFAULT_MODELS["text_encoder"]),
-                "pair_scorer": params.get("pair_scorer_model", DEFAULT_MODELS["pair_scorer"]),
-            }
-        )
-        self.first_stage = BLSFirstStage(params.get("first_stage_model", DEFAULT_MODELS["first_stage"]))
+        self.models = {key: params.get(key, name) for key, name in DEFAULT_MODELS.items()}
+        self.connect(bls_call)
 
-    def execute(self, requests):
-        return pb.answer(requests, self.spec, self.run)
+    def connect(self, call: Call) -> None:
+        """Reach the called models through `call`: BLS when served; perf/bench_served.py's in-process
+        side passes the same python models, loaded and called directly."""
+        m = self.models
+        self.tokenize: Tokenize = BLSTokenizer(m["tokenizer_model"], call)
+        self.run_graph = BLSRun(
+            {"text_encoder": m["text_model"], "pair_scorer": m["pair_scorer_model"]}, call
+        )
+        self.first_stage: FirstStage = BLSFirstStage(m["first_stage_model"], call)
 
     def run(self, inputs: list[Arrays]) -> list[Arrays | InputError]:
         """One result per request: {"ids": (B, k), "scores": (B, k)} or the request's error. A request
-        with several queries fails as a whole if one of its queries does (its arrays are one tensor)."""
+        with several texts fails as a whole if one of its texts does (its arrays are one tensor)."""
         results: list[Arrays | InputError] = []
         for x in inputs:
             try:
-                ids, lengths = np.asarray(x["input_ids"], np.int64), np.asarray(x["lengths"], np.int64)
-                lengths, ks = lengths.reshape(-1), np.asarray(x["top_k"]).reshape(-1).astype(int).tolist()
-                if not (len(ids) == len(lengths) == len(ks)):
-                    raise InputError(f"input_ids {ids.shape}, lengths {lengths.shape}, top_k: one row each")
-                queries = encode_queries(self.run_graph, ids, lengths)
+                ks = np.asarray(x["top_k"]).reshape(-1)
+                if len(ks) != len(x["text"]):
+                    raise InputError(f"text has {len(x['text'])} rows, top_k {len(ks)}; expected one each")
+                ids, lengths = self.tokenize(x["text"])
+                queries = encode_queries(self.run_graph, ids, np.asarray(lengths, np.int64).reshape(-1))
                 rows = answer_queries(
-                    queries, ks, self.run_graph, self.first_stage, self.gallery, self.shortlist, self.fuse
+                    queries,
+                    ks.tolist(),
+                    self.run_graph,
+                    self.first_stage,
+                    self.gallery,
+                    self.shortlist,
+                    self.fuse,
                 )
                 bad = next((r for r in rows if isinstance(r, InputError)), None)
                 results.append(bad if bad is not None else pad_results(rows))

@@ -49,9 +49,10 @@ class TensorSpec:
         """A concrete shape: dynamic dims from `sizes` (default 2)."""
         return tuple(d if isinstance(d, int) else sizes.get(d, 2) for d in self.shape)
 
-    def triton_dims(self) -> list[int]:
-        """`dims` of config.pbtxt: no batch dim, -1 for dynamic dims."""
-        dims = [d if isinstance(d, int) else -1 for d in self.shape[1:]]
+    def triton_dims(self, batched: bool = True) -> list[int]:
+        """`dims` of config.pbtxt: -1 for dynamic dims, without the batch dim (`batched`, the model's
+        `max_batch_size` > 0) or the whole shape (an unbatched model: `max_batch_size: 0`)."""
+        dims = [d if isinstance(d, int) else -1 for d in (self.shape[1:] if batched else self.shape)]
         return dims or [1]
 
     def onnx_dynamic_axes(self) -> dict[int, str]:
@@ -69,6 +70,12 @@ class ModelSpec:
 
     def output(self, name: str) -> TensorSpec:
         return _by_name(self.outputs, name, f"output of {self.name}")
+
+    @property
+    def batched(self) -> bool:
+        """Whether every tensor's first dim is "batch" (a dynamically batched model); ProTA's pair scorer
+        is not: one query (1, ...) against a shortlist (S, ...)."""
+        return all(t.shape[:1] == ("batch",) for t in (*self.inputs, *self.outputs))
 
     @property
     def input_names(self) -> list[str]:
@@ -267,8 +274,21 @@ def video_embed_spec(video_encoder: ModelSpec) -> ModelSpec:
     return ModelSpec("video_embed", video_encoder.inputs, (video_encoder.output("video_embedding"),))
 
 
-def video_serving_specs(text_encoder: ModelSpec, video_encoder: ModelSpec) -> dict[str, ModelSpec]:
-    """Every served model of a text-video artifact (ViSERN, ProTA: first stage) from its graphs' specs."""
+def text_video_rerank_spec() -> ModelSpec:
+    """BLS: text -> first-stage shortlist over the global video embeddings -> ProTA's pair scorer re-ranks
+    it -> ids, scores (the token-level score) of the top k."""
+    return ModelSpec(
+        "text_video_rerank",
+        inputs=(TensorSpec("text", "bytes", ("batch", 1)), TensorSpec("top_k", "int64", ("batch",))),
+        outputs=(TensorSpec("ids", "int64", ("batch", "k")), TensorSpec("scores", "float32", ("batch", "k"))),
+    )
+
+
+def video_serving_specs(
+    text_encoder: ModelSpec, video_encoder: ModelSpec, pair_scorer: ModelSpec | None = None
+) -> dict[str, ModelSpec]:
+    """Every served model of a text-video artifact from its graphs' specs: ViSERN's, and ProTA's first
+    stage; with ProTA's `pair_scorer` also `video_pair_scorer` and the two-stage `text_video_rerank`."""
     embed_dim = text_encoder.output("text_embedding").shape[1]
     specs = [
         renamed(tokenizer_spec(), "video_tokenizer"),
@@ -278,6 +298,8 @@ def video_serving_specs(text_encoder: ModelSpec, video_encoder: ModelSpec) -> di
         text_video_search_spec(embed_dim),
         video_embed_spec(video_encoder),
     ]
+    if pair_scorer is not None:
+        specs += [renamed(pair_scorer, "video_pair_scorer"), text_video_rerank_spec()]
     return {s.name: s for s in specs}
 
 

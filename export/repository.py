@@ -22,7 +22,10 @@ under names that say what they hold (`served_specs`, rendered from the I/O specs
   client embedding text);
 - text-video (visern, prota): `text_video_search` (text -> `video_tokenizer` -> `video_text_encoder` ->
   `video_gallery_topk`, FAISS over the export's `gallery.npy`) and `video_embed` (-> `video_encoder`);
-  ProTA serves its first stage (the global video embedding), not the pair scorer;
+  for ProTA that is its first stage (the global video embedding), and `text_video_rerank` serves the
+  paper's token-level score on top: a BLS python model (export/bls_rerank.py) that shortlists with
+  `video_gallery_topk` and re-ranks with `video_pair_scorer` (the pair scorer graph, one query against a
+  shortlist, so not batched: `max_batch_size: 0`) over the export's token store;
 - moments (cdnet): `moment_search` (text + video id -> `moment_tokenizer`, `moment_clips` (the export's
   `clip_features.npz`) -> `moment_model` -> `moment_postprocess`: top-k [start_s, end_s, score]); on the
   cpu target it is one python model (`MomentSearchModel`), its composing models served beside it: in the
@@ -83,6 +86,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from xmr.export.bls_rerank import DEFAULT_MODELS as BLS_CALLS
+from xmr.export.bls_rerank import GALLERY_FILES
 from xmr.export.iospec import ModelSpec, image_text_specs, moment_serving_specs, video_serving_specs
 from xmr.export.manifest import (  # noqa: F401 (SERVING, read_serving, verify_repository: re-exported)
     SERVING,
@@ -132,6 +137,8 @@ class Served:
     onnx_on_gpu: bool = False
     specs: Mapping[str, str] = field(default_factory=dict)
     instances: int = 1  # python-model instances (stub processes): dynamic batches that can run at once
+    module: str = "xmr.export.adapters"  # where `adapter` lives (its `model.py` shim imports it from there)
+    calls: tuple[str, ...] = ()  # the served models it calls through BLS: served beside it or refused
 
     def engine(self) -> str:
         """The artifact name of this tower's TensorRT engine."""
@@ -246,6 +253,25 @@ MODELS: dict[str, Served] = {
     # the cpu target's text searches (FORMS): tokenizer + text tower + gallery top-k in one python model
     "text_search": one_hop_text_search("text_encoder"),
     "text_video_search": one_hop_text_search("video_text_encoder"),
+    # ProTA: the pair scorer (one query against a shortlist: not batched) and the two-stage search that
+    # calls it through BLS. Defaults from perf/figures/prota_rerank.md: a shortlist of 20 holds the true
+    # video for every test query (stage-1 R@10 is 100), and ranking by pair score + 1 x the first stage's
+    # cosine has the best R@1 (79.2, against 77.6 for the first stage and 71.9 for the pair score alone)
+    "video_pair_scorer": Served(
+        "OnnxModel",
+        {"threads": "1"},
+        {"model.onnx": "pair_scorer.onnx"},
+        onnx_on_gpu=True,
+        instances=SEARCH_INSTANCES,
+    ),
+    "text_video_rerank": Served(
+        "TwoStageModel",
+        {"shortlist": "20", "fuse": "1.0", **BLS_CALLS},
+        {f"{name}.npy": f"{name}.npy" for name in GALLERY_FILES},
+        module="xmr.export.bls_rerank",
+        calls=tuple(BLS_CALLS.values()),
+        instances=SEARCH_INSTANCES,
+    ),
 }
 
 
@@ -318,7 +344,7 @@ FORMS: dict[str, dict[str, str]] = {
 # the manifest's `model` -> its family; a repository holds at most one artifact of each family
 FAMILIES: dict[str, str] = {"rvse": "image_text", "visern": "video", "prota": "video", "cdnet": "moments"}
 
-SHIM = "from xmr.export.adapters import {adapter} as TritonPythonModel  # noqa: F401\n"
+SHIM = "from {module} import {adapter} as TritonPythonModel  # noqa: F401\n"
 
 
 def serving_facts(
@@ -357,11 +383,14 @@ def _pb2():
     return model_config_pb2
 
 
-def _add_tensors(field, tensors, reshape: bool) -> None:
+def _add_tensors(field, tensors, reshape: bool, batched: bool = True) -> None:
     pb2 = _pb2()
     for t in tensors:
-        io = field.add(name=t.name, data_type=pb2.DataType.Value(t.triton_type), dims=t.triton_dims())
-        if reshape and len(t.shape) == 1:  # one value per row: dims [1] for Triton, [] for the model
+        dims = t.triton_dims(batched)
+        io = field.add(name=t.name, data_type=pb2.DataType.Value(t.triton_type), dims=dims)
+        if (
+            batched and reshape and len(t.shape) == 1
+        ):  # one value per row: dims [1] for Triton, [] for the model
             io.reshape.SetInParent()
 
 
@@ -377,14 +406,16 @@ def model_config(
     instances: int = 1,
 ):
     pb2 = _pb2()
+    if not spec.batched:  # the whole shape is the model's (ProTA's pair scorer): Triton does not batch it
+        max_batch, dynamic_batching = 0, False
     cfg = pb2.ModelConfig(name=spec.name, max_batch_size=max_batch)
     if platform:
         cfg.platform = platform
     else:
         cfg.backend = backend
     # An ensemble passes tensors as its steps' `dims` say; only real models see the reshaped form.
-    _add_tensors(cfg.input, spec.inputs, reshape=platform != "ensemble")
-    _add_tensors(cfg.output, spec.outputs, reshape=platform != "ensemble")
+    _add_tensors(cfg.input, spec.inputs, reshape=platform != "ensemble", batched=spec.batched)
+    _add_tensors(cfg.output, spec.outputs, reshape=platform != "ensemble", batched=spec.batched)
     if platform != "ensemble":
         kind = pb2.ModelInstanceGroup.KIND_GPU if gpu else pb2.ModelInstanceGroup.KIND_CPU
         cfg.instance_group.add(kind=kind, count=instances)
@@ -469,8 +500,12 @@ def served_specs(manifest: dict) -> dict[str, ModelSpec]:
     missing = [g for g in needed if g not in graphs]
     if missing:
         raise InputError(f"the {manifest['model']} manifest has no {', '.join(missing)} graph spec")
-    if kind == "video":  # ProTA's pair scorer is not served (yet): the first stage ranks by embedding
-        return video_serving_specs(*(ModelSpec.from_dict(graphs[g]) for g in needed))
+    if kind == "video":  # ProTA's pair scorer: served with the two-stage search, if its token store is there
+        scorer = graphs.get("pair_scorer")
+        if scorer and "files" in manifest and "gallery_mu.npy" not in manifest["files"]:
+            scorer = None  # an export made before the token store: the first stage only
+        towers = (ModelSpec.from_dict(graphs[g]) for g in needed)
+        return video_serving_specs(*towers, ModelSpec.from_dict(scorer) if scorer else None)
     return moment_serving_specs(ModelSpec.from_dict(graphs["moment_model"]))
 
 
@@ -490,6 +525,9 @@ def served_models(manifest: dict) -> list[str]:
         for model in MODELS[name].specs.values() if name in MODELS else ():
             if model not in names:
                 raise InputError(f"model {name!r} needs the spec of {model!r}, which the manifest lacks")
+        for model in MODELS[name].calls if name in MODELS else ():
+            if model not in names:
+                raise InputError(f"model {name!r} calls model {model!r}, which the manifest lacks")
         for src in MODELS[name].files.values() if name in MODELS else ():
             if "files" in manifest and src not in manifest["files"]:
                 raise InputError(
@@ -589,7 +627,9 @@ def repository_texts(
     for name, config in repository_configs(manifest, target, engines).items():
         texts[f"{name}/config.pbtxt"] = config
         if python_model(name, target):
-            texts[f"{name}/1/model.py"] = SHIM.format(adapter=MODELS[name].adapter)
+            texts[f"{name}/1/model.py"] = SHIM.format(
+                module=MODELS[name].module, adapter=MODELS[name].adapter
+            )
             texts[f"{name}/1/spec.json"] = json.dumps(specs[name].to_dict(), indent=2)
             for file, model in MODELS[name].specs.items():
                 texts[f"{name}/1/{file}"] = json.dumps(specs[model].to_dict(), indent=2)

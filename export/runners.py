@@ -46,8 +46,11 @@ def check_finite(name: str, x: np.ndarray) -> None:
 
 def check_feeds(spec: ModelSpec, feeds: Feeds) -> Feeds:
     """The spec's inputs from `feeds`, in spec order; InputError on a missing input, a wrong dtype, a NaN,
-    and on token inputs that would be read as something else: negative `input_ids`, `lengths` outside
-    1..the number of tokens (a length 0 would average over no token and give NaN)."""
+    inputs that disagree on the size of a dim their specs name alike (ProTA's pair scorer: `frames` of
+    video_mu and frame_mask), and token inputs that would be read as something else: negative
+    `input_ids`, `lengths` outside 1..the number of tokens (a length 0 would average over no token and give
+    NaN)."""
+    sizes: dict[str, tuple[str, int]] = {}  # named dim -> (the first input that has it, its size)
     for t in spec.inputs:
         if t.name not in feeds:
             raise InputError(f"missing input {t.name!r} for {spec.name}")
@@ -55,15 +58,25 @@ def check_feeds(spec: ModelSpec, feeds: Feeds) -> Feeds:
         if x.dtype != t.numpy_dtype:
             raise InputError(f"input {t.name!r} has dtype {x.dtype}; expected {t.dtype}")
         check_finite(t.name, x)
+        for dim, size in zip(t.shape, x.shape):  # noqa: B905 (Triton checks ranks; (B, 1) may stand for (B,))
+            if isinstance(dim, str):
+                first, known = sizes.setdefault(dim, (t.name, size))
+                if size != known:
+                    raise InputError(
+                        f"input {t.name!r} has {size} along {dim!r}; input {first!r} has {known}: "
+                        "they must agree"
+                    )
     ids, lengths = feeds.get("input_ids"), feeds.get("lengths")
     if ids is not None and ids.size and ids.min() < 0:
         raise InputError(f"input 'input_ids' holds {int(ids.min())}; expected token ids >= 0")
-    if ids is not None and lengths is not None and lengths.size and ids.ndim == 2:
-        bad = (lengths < 1) | (lengths > ids.shape[1])
+    tokens = next((t.name for t in spec.inputs if t.shape[1:2] == ("tokens",)), None)
+    if tokens is not None and lengths is not None and lengths.size:
+        n = feeds[tokens].shape[1]
+        bad = (lengths < 1) | (lengths > n)
         if bad.any():
             raise InputError(
-                f"input 'lengths' holds {int(lengths[bad][0])}; expected 1 <= length <= {ids.shape[1]} "
-                "(the number of tokens in input_ids)"
+                f"input 'lengths' holds {int(lengths[bad][0])}; expected 1 <= length <= {n} "
+                f"(the number of tokens in {tokens})"
             )
     return {t.name: feeds[t.name] for t in spec.inputs}
 

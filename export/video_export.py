@@ -5,7 +5,9 @@
   re-ranking of a shortlist for one query);
 - `gallery.npy` (N, D) and `gallery_ids.npy` (N,): the evaluation split's videos embedded by the exported
   video tower (the videos the parity covered: the whole split in the standard form), ids = row index in the
-  split; the gallery the served `text_video_search` searches (`video_gallery_topk`, FAISS);
+  split; the gallery the served `text_video_search` searches (`video_gallery_topk`, FAISS); ProTA also
+  `gallery_mu.npy`, `gallery_sigma.npy` (N, M, D) and `gallery_mask.npy` (N, M): the same videos' token
+  Gaussians, the store the served `text_video_rerank` (export/bls_rerank.py) re-ranks a shortlist from;
 - `tokenizer.json` and `manifest.json`: I/O specs, sha256 of each file, versions, the custom-op form, the
   `xmr`-domain nodes per graph, and parity on the evaluation split: max abs error and min cosine of every
   output, and Recall@1/5/10, median and mean rank (both directions) of the ONNX outputs beside PyTorch's.
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from xmr.export.bls_rerank import GALLERY_FILES, write_gallery
 from xmr.export.iospec import (
     ModelSpec,
     prota_pair_scorer_spec,
@@ -46,6 +49,7 @@ from xmr.models.evaluate.video import similarity
 from xmr.models.tokenizer import TextLimits, encode_batch
 from xmr.models.video.inputs import video_inputs
 from xmr.models.video.prota import ProTA
+from xmr.models.video.two_stage import VideoGallery
 from xmr.models.video.visern import ViSERN
 
 CUSTOM_OPS = ("standard", "plugin")
@@ -132,17 +136,27 @@ def export_video_run(
             for name, spec in specs.items()
         }
         backends = BackendParity(torch_runners, runners)
-        gallery = []  # the exported video tower's embeddings, batch by batch, in split order
+        gallery = []  # the exported video tower's outputs, batch by batch, in split order
 
         def onnx_run(graph: str, feeds: dict) -> dict:
             out = backends.run(graph, feeds)[1]
             if graph == "video_encoder":
-                gallery.append(out["video_embedding"])
+                gallery.append(out)
             return out
 
         onnx_sim = video_similarity(onnx_run, model, tokenizer, specs, split)
-        np.save(tmp / "gallery.npy", np.concatenate(gallery).astype(np.float32))
-        np.save(tmp / "gallery_ids.npy", np.arange(len(split), dtype=np.int64))
+        videos = {k: np.concatenate([g[k] for g in gallery]).astype(np.float32) for k in gallery[0]}
+        video_ids = np.arange(len(split), dtype=np.int64)
+        np.save(tmp / "gallery.npy", videos["video_embedding"])
+        np.save(tmp / "gallery_ids.npy", video_ids)
+        gallery_files = ["gallery.npy", "gallery_ids.npy"]
+        if "pair_scorer" in specs:  # the token store `text_video_rerank` re-ranks a shortlist from
+            mask = split.mask.astype(bool)
+            tokens = VideoGallery(
+                videos["video_embedding"], videos["video_mu"], videos["video_sigma"], mask, video_ids
+            )
+            write_gallery(tmp, tokens)
+            gallery_files += [f"{name}.npy" for name in GALLERY_FILES[1:]]
         parity = backends.stats.stats
         steps.update()
         torch_sim = similarity(model, tokenizer, split)
@@ -161,7 +175,7 @@ def export_video_run(
             "tokenizer": "tokenizer.json",
         }
         manifest = graphs_manifest(tmp, run, config["model"], model, specs, custom_ops, preprocessing, parity)
-        manifest.files |= file_facts(tmp, ["gallery.npy", "gallery_ids.npy"])
+        manifest.files |= file_facts(tmp, gallery_files)
         manifest.gallery = {
             "split": f"{split.name}/{split.split}",
             "size": len(split),

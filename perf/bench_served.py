@@ -5,15 +5,16 @@
 
 One cpu repository is built from the artifact folders (any mix of families, as `xmr repo` builds it) and
 served by the real `tritonserver` on free loopback ports. For each entry point it serves (`text_search`,
-`image_embed`, `text_video_search`, `video_embed`, `moment_search`: the ensembles, and the one-model entry
-points of the cpu target), at each batch size and concurrency:
+`image_embed`, `text_video_search`, `video_embed`, `moment_search`, ProTA's `text_video_rerank`: the
+ensembles, and the one-model entry points of the cpu target), at each batch size and concurrency:
 
 - `served`: Triton's `perf_analyzer` over gRPC in concurrency mode (time windows until three agree), its
   input data the requests `xmr load` sends (`clients/load.py`'s recipes: Shapes captions and images at the
   served size, a top-k, valid video ids; inputs without a recipe filled by dtype);
 - `in-process`: the same python models, loaded from the same repository folder the server reads (each
   model's `model.py` shim imported and initialised as the python backend does), called directly from N
-  threads with no server between them; an ensemble's steps run in its config's order with its tensor maps.
+  threads with no server between them; an ensemble's steps run in its config's order with its tensor maps,
+  and a BLS model (`text_video_rerank`) calls the models it calls on the server directly (`direct_call`).
   Run right after the served point, for as many requests as perf_analyzer counted (at least
   `--min-requests`), so the two sides of a ratio are measured seconds apart.
 
@@ -110,6 +111,12 @@ class InProcessEndpoint:
             spec = ModelSpec.from_dict(json.loads((repository / name / "1" / "spec.json").read_text()))
             self.steps = [(name, {n: n for n in spec.input_names}, {t.name: t.name for t in spec.outputs})]
         self.models = {m: load_python_model(repository / m) for m, _, _ in self.steps}
+        for model in self.models.values():
+            if hasattr(
+                model, "connect"
+            ):  # a BLS model (text_video_rerank): its called models, called directly
+                called = {name: load_python_model(repository / name) for name in model.models.values()}
+                model.connect(direct_call(called))
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = dict(inputs)
@@ -121,6 +128,25 @@ class InProcessEndpoint:
                 raise result
             tensors.update({outer: result[own] for own, outer in outputs_map.items()})
         return tensors
+
+
+def direct_call(models: dict):
+    """A BLS model's `Call` without a server: the named python model checked and run in this process, its
+    one-value-per-row inputs reshaped (B, 1) -> (B,) as Triton's config reshape does."""
+
+    def call(name: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        model = models[name]
+        feeds = {
+            t.name: inputs[t.name].reshape(-1) if model.spec.batched and len(t.shape) == 1 else inputs[t.name]
+            for t in model.spec.inputs
+        }
+        model.check(feeds)
+        (result,) = model.run([feeds])
+        if isinstance(result, Exception):
+            raise InputError(f"model {name!r}: {result}")
+        return {o: result[o] for o in outputs}
+
+    return call
 
 
 def one_faiss_thread() -> None:

@@ -1,5 +1,6 @@
 """One I/O spec feeds the ONNX graphs, the config.pbtxt files and the clients: check they agree."""
 
+import importlib
 import json
 import shutil
 
@@ -59,6 +60,7 @@ def family_variants() -> dict[str, dict]:
     and without the grid."""
     from xmr.export.iospec import (
         moment_serving_specs,
+        prota_pair_scorer_spec,
         prota_video_encoder_spec,
         video_serving_specs,
         video_text_encoder_spec,
@@ -76,7 +78,9 @@ def family_variants() -> dict[str, dict]:
         "regions": image_text_specs(256, 64, region_dim=32),
         "visern": video_serving_specs(video_text_encoder_spec(16), visern_video_encoder_spec(16, 16, 96)),
         "prota": video_serving_specs(
-            video_text_encoder_spec(16, tokens=True), prota_video_encoder_spec(16, 96)
+            video_text_encoder_spec(16, tokens=True),
+            prota_video_encoder_spec(16, 96),
+            prota_pair_scorer_spec(16),
         ),
         "cdnet": moment_serving_specs(cdnet(False)),
         "cdnet-grid": moment_serving_specs(cdnet(True)),
@@ -84,8 +88,8 @@ def family_variants() -> dict[str, dict]:
 
 
 def test_serving_tables_agree_with_the_specs_and_adapters():
-    for name, served in MODELS.items():
-        adapter = getattr(adapters, served.adapter)
+    for name, served in MODELS.items():  # the class its shim imports
+        adapter = getattr(importlib.import_module(served.module), served.adapter)
         assert issubclass(adapter, adapters.PythonModel) and adapter is not adapters.PythonModel, name
     used: dict[tuple[str, int], set] = {}  # (ensemble, step) -> the map entries some variant renders
     variants = family_variants()
@@ -108,8 +112,9 @@ def test_serving_tables_agree_with_the_specs_and_adapters():
         assert set(forms) == set(TARGETS) and set(forms.values()) <= {"model", "ensemble"}, name
     assert [serves_as("text_search", t) for t in TARGETS] == ["model", "ensemble"]
     assert serves_as("image_embed", "cpu") == "ensemble" and serves_as("tokenizer", "gpu") == "model"
-    for name, served in MODELS.items():  # its extra spec files name served models of its family
-        assert all(any(name in v and m in v for v in variants.values()) for m in served.specs.values())
+    for name, served in MODELS.items():  # its extra spec files and BLS calls name models of its family
+        for m in (*served.specs.values(), *served.calls):
+            assert any(name in v and m in v for v in variants.values()), (name, m)
     for name, steps in ENSEMBLES.items():  # no map entry that no variant has (a typo)
         for i, step in enumerate(steps):
             assert used[(name, i)] == set(step.inputs.items()) | set(step.outputs.items()), (name, step.model)

@@ -12,6 +12,7 @@ from test_prota import random_text, random_video, tiny_model
 from xmr.export.bls_rerank import (
     BLSFirstStage,
     BLSRun,
+    BLSTokenizer,
     TwoStageModel,
     answer_queries,
     load_gallery,
@@ -159,30 +160,52 @@ def test_merge_and_recall():
 # ----------------------------------------------------------------------------- the BLS model, no server
 
 
+def texts(rows) -> np.ndarray:
+    """The request's text tensor (B, 1) BYTES for queries `rows` of the setup ("q<row>")."""
+    return np.array([[f"q{r}".encode()] for r in rows], dtype=object)
+
+
+def fake_tokenize(setup):
+    """A stand-in tokenizer: "q<row>" -> that row's token ids of the setup; anything else is refused."""
+
+    def tokenize(text: np.ndarray):
+        words = [t[0].decode() for t in text]
+        if not all(w.removeprefix("q").isdigit() for w in words):
+            raise InputError(f"text {words} is not a known query")
+        rows = [int(w[1:]) for w in words]
+        return setup["input_ids"][rows], setup["lengths"][rows]
+
+    return tokenize
+
+
 def bls_model(setup, tmp_path, shortlist: int) -> TwoStageModel:
     """The served model as `initialize` builds it, with in-process stand-ins for the called models."""
     write_gallery(tmp_path, setup["gallery"])
     model = TwoStageModel()
     model.gallery, model.shortlist = load_gallery(tmp_path), shortlist
     model.run_graph, model.first_stage = setup["run"], faiss_first_stage(setup["gallery"])
+    model.tokenize = fake_tokenize(setup)
     return model
 
 
 def test_bls_model_answers_like_two_stage_search(setup, tmp_path):
     model = bls_model(setup, tmp_path, shortlist=6)
     first = faiss_first_stage(setup["gallery"])
-    ids, lengths = setup["input_ids"], setup["lengths"]
-    good = {"input_ids": ids, "lengths": lengths, "top_k": np.full((N_QUERIES, 1), 3, np.int64)}
-    bad = {"input_ids": ids, "lengths": lengths[:2], "top_k": np.full((N_QUERIES, 1), 3, np.int64)}
-    wide = {"input_ids": ids[:1], "lengths": lengths[:1], "top_k": np.array([100], np.int64)}
-    out_good, out_bad, out_wide = model.run([good, bad, wide])
-    assert isinstance(out_bad, InputError)  # its own error; the other requests are answered
+    good = {"text": texts(range(N_QUERIES)), "top_k": np.full(N_QUERIES, 3, np.int64)}
+    bad = {"text": texts(range(N_QUERIES)), "top_k": np.full(2, 3, np.int64)}  # one k for two texts
+    unknown = {"text": np.array([[b"nonsense"]], dtype=object), "top_k": np.array([3], np.int64)}
+    wide = {"text": texts([0]), "top_k": np.array([100], np.int64)}
+    out_good, out_bad, out_unknown, out_wide = model.run([good, bad, unknown, wide])
+    # each bad request gets its own error, naming what was wrong; the other requests are answered
+    assert isinstance(out_bad, InputError) and "top_k 2" in str(out_bad)
+    assert isinstance(out_unknown, InputError) and "nonsense" in str(out_unknown)
     assert out_good["ids"].shape == out_good["scores"].shape == (N_QUERIES, 3)
     for qi, q in enumerate(setup["queries"]):
         want_ids, want_scores = two_stage_search(setup["run"], first, setup["gallery"], q, 3, 6)
         np.testing.assert_array_equal(out_good["ids"][qi], want_ids)
         np.testing.assert_allclose(out_good["scores"][qi], want_scores, atol=1e-5)
     assert out_wide["ids"].shape == (1, 6)  # top_k is cut to the shortlist
+    np.testing.assert_array_equal(out_wide["ids"][0][:3], out_good["ids"][0])  # q0's top 3 lead its top 6
 
     model.fuse = 0.5
     (fused,) = model.run([good])
@@ -253,6 +276,8 @@ def test_bls_calls_the_served_models(setup, tmp_path, monkeypatch):
     first, run = faiss_first_stage(setup["gallery"]), setup["run"]
 
     def serve(model, inputs):
+        if model == "tok":
+            return dict(zip(("input_ids", "lengths"), fake_tokenize(setup)(inputs["text"]), strict=True))
         if model == "prota_text":
             return run("text_encoder", inputs)
         if model == "gallery_topk":
@@ -276,14 +301,12 @@ def test_bls_calls_the_served_models(setup, tmp_path, monkeypatch):
     model = bls_model(setup, tmp_path, shortlist=5)
     model.run_graph = BLSRun({"text_encoder": "prota_text", "pair_scorer": "prota_scorer"})
     model.first_stage = BLSFirstStage("gallery_topk")
-    x = {
-        "input_ids": setup["input_ids"],
-        "lengths": setup["lengths"],
-        "top_k": np.full(N_QUERIES, 2, np.int64),
-    }
+    model.tokenize = BLSTokenizer("tok")
+    x = {"text": texts(range(N_QUERIES)), "top_k": np.full(N_QUERIES, 2, np.int64)}
     (out,) = model.run([x])
-    assert [c.model for c in calls] == ["prota_text", "gallery_topk"] + ["prota_scorer"] * N_QUERIES
-    assert calls[0].outputs == ["text_embedding", "text_mu", "text_sigma"]
+    assert [c.model for c in calls] == ["tok", "prota_text", "gallery_topk"] + ["prota_scorer"] * N_QUERIES
+    assert calls[0].outputs == ["input_ids", "lengths"]
+    assert calls[1].outputs == ["text_embedding", "text_mu", "text_sigma"]
     assert all(c.kwargs["preferred_memory"] == ("cpu", 0) for c in calls)
     for qi, q in enumerate(setup["queries"]):
         want = two_stage_search(run, first, setup["gallery"], q, 2, 5)[0]
