@@ -291,7 +291,8 @@ def test_cli_rerank_search_and_check(server, prota_repository):
     assert ranked.returncode == 0 and ranked.stdout.count("video id") == 3, ranked.stdout + ranked.stderr
     alone = subprocess.run([XMR, "search", "a red circle", "--rerank", *url], capture_output=True, text=True)
     message = " ".join(alone.stderr.replace("│", " ").split())  # typer's error box, unwrapped
-    assert alone.returncode == 2 and "--rerank re-ranks the video search: pass --videos too" in message, message
+    assert alone.returncode == 2, message
+    assert "--rerank re-ranks the video search: pass --videos too" in message, message
     check = subprocess.run(
         [XMR, "check", str(prota_repository), "--n", "16", *url], capture_output=True, text=True
     )
