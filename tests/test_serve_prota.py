@@ -298,3 +298,17 @@ def test_cli_rerank_search_and_check(server, prota_repository):
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "re-ranked (text_video_rerank): rankings equal (up to ties): 16/16" in check.stdout, check.stdout
+
+
+def test_bench_in_process_rerank_answers_as_the_server(server, prota_repository):
+    """perf/bench_served.py's in-process side of the BLS model (its called models called directly)
+    answers exactly as the served one: the ratio it reports compares like with like."""
+    from xmr.perf.bench_served import InProcessEndpoint
+
+    endpoint = InProcessEndpoint(prota_repository, "text_video_rerank")
+    for t in (GOOD_TEXT, "a blue square above a red circle"):
+        request = {"text": text(t), "top_k": col(5, np.int64)}
+        got = endpoint(request)
+        want = server.infer("grpc", "text_video_rerank", request)
+        np.testing.assert_array_equal(got["ids"], want["ids"])
+        np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-5)
