@@ -15,8 +15,9 @@ model (served as `text_video_rerank`) drives the other served models itself with
 The pair scorer needs the shortlisted videos' token Gaussians: the version folder holds them with the ids
 that the first stage returns (`gallery_ids.npy` (N,) int64, `gallery_mu.npy` / `gallery_sigma.npy`
 (N, M, D) float32, `gallery_mask.npy` (N, M) bool; the video export writes them with `write_gallery`).
-Config parameters (strings): `shortlist` (S, default 50); `fuse` (default 0: rank by the pair score alone;
-f > 0: by pair score + f * the first stage's cosine, see perf/figures/prota_rerank.md); `tokenizer_model`,
+Config parameters (strings): `shortlist` (S; the repository renders 20, absent 50); `fuse` (the repository
+renders 1.0, absent 0: 0 ranks by the pair score alone, f > 0 by pair score + f * the first stage's
+cosine; see perf/figures/prota_rerank.md for both choices); `tokenizer_model`,
 `text_model`, `first_stage_model`, `pair_scorer_model` (the served names of the called models, defaults
 in `DEFAULT_MODELS`). `top_k` is cut to S.
 
@@ -83,7 +84,8 @@ def load_gallery(folder: Path) -> VideoGallery:
 
 def bls_call(model: str, inputs: Arrays, outputs: tuple[str, ...]) -> Arrays:
     """One synchronous BLS inference on the served `model`; an error it answers raises InputError (the
-    calling request's error). Outputs are asked for in CPU memory (a TensorRT model may run on the GPU)."""
+    calling request's error, INVALID_ARG) when the called model said INVALID_ARG, RuntimeError (INTERNAL)
+    otherwise. Outputs are asked for in CPU memory (a TensorRT model may run on the GPU)."""
     pb_utils = pb._pb()
     kwargs = {}
     if hasattr(pb_utils, "PreferredMemory"):  # Triton >= 23.04
@@ -95,8 +97,14 @@ def bls_call(model: str, inputs: Arrays, outputs: tuple[str, ...]) -> Arrays:
         **kwargs,
     )
     response = request.exec()
-    if response.has_error():
-        raise InputError(f"model {model!r}: {response.error().message()}")
+    if response.has_error():  # the called model's client error is this request's; anything else a fault
+        error = response.error()
+        code = error.code() if hasattr(error, "code") else None
+        message = f"model {model!r}: {error.message()}"
+        invalid = getattr(getattr(pb_utils, "TritonError", None), "INVALID_ARG", code)
+        if code is not None and code != invalid:
+            raise RuntimeError(message)
+        raise InputError(message)
     out = {}
     for name in outputs:
         tensor = pb_utils.get_output_tensor_by_name(response, name)

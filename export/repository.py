@@ -388,9 +388,8 @@ def _add_tensors(field, tensors, reshape: bool, batched: bool = True) -> None:
     for t in tensors:
         dims = t.triton_dims(batched)
         io = field.add(name=t.name, data_type=pb2.DataType.Value(t.triton_type), dims=dims)
-        if (
-            batched and reshape and len(t.shape) == 1
-        ):  # one value per row: dims [1] for Triton, [] for the model
+        one_per_row = batched and reshape and len(t.shape) == 1  # dims [1] for Triton, [] for the model
+        if one_per_row:
             io.reshape.SetInParent()
 
 

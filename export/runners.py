@@ -70,7 +70,7 @@ def check_feeds(spec: ModelSpec, feeds: Feeds) -> Feeds:
     if ids is not None and ids.size and ids.min() < 0:
         raise InputError(f"input 'input_ids' holds {int(ids.min())}; expected token ids >= 0")
     tokens = next((t.name for t in spec.inputs if t.shape[1:2] == ("tokens",)), None)
-    if tokens is not None and lengths is not None and lengths.size:
+    if tokens is not None and lengths is not None and lengths.size and feeds[tokens].ndim >= 2:
         n = feeds[tokens].shape[1]
         bad = (lengths < 1) | (lengths > n)
         if bad.any():
