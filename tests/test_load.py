@@ -118,3 +118,29 @@ def test_twenty_second_load_has_no_failures_and_complete_reports(tiny_repository
     with open(out / "summary.csv", newline="") as f:
         rows = {r["ensemble"]: r for r in csv.DictReader(f)}
     assert int(rows["total"]["requests"]) == total["requests"]
+
+
+@pytest.mark.server
+def test_refusal_memory_measures_each_phase_and_process(tiny_repository, tmp_path):
+    """perf/refusal_memory.py on the tiny repository, two short phases: the hostile phase's requests are
+    all refused (INVALID_ARGUMENT) and the good phase's all answered; every server process is sampled."""
+    run = subprocess.run(
+        [sys.executable, "-m", "xmr.perf.refusal_memory", str(tiny_repository), "--phases", "good", "hostile"]
+        + ["--seconds", "2", "--threads", "2", "--control", "300", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((tmp_path / "refusal_memory.json").read_text())
+    good, hostile = summary["phases"]
+    assert good["traffic"] == "good" and good["answered"] > 0 and good["refused"] == 0, good
+    assert hostile["traffic"] == "hostile" and hostile["refused"] > 0 and hostile["answered"] == 0, hostile
+    processes = set(hostile["uss_growth_mib"])
+    assert "tritonserver" in processes and any(p.startswith("text_search (") for p in processes), processes
+    assert summary["control"]["refused"] == 300
+    with (tmp_path / "refusal_memory.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["traffic"] for r in rows} == {"idle", "good", "hostile"} and all(
+        float(r["uss_mib"]) > 0 for r in rows
+    )
