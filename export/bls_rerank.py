@@ -84,8 +84,8 @@ def load_gallery(folder: Path) -> VideoGallery:
 
 def bls_call(model: str, inputs: Arrays, outputs: tuple[str, ...]) -> Arrays:
     """One synchronous BLS inference on the served `model`; an error it answers raises InputError (the
-    calling request's error, INVALID_ARG) when the called model said INVALID_ARG, RuntimeError (INTERNAL)
-    otherwise. Outputs are asked for in CPU memory (a TensorRT model may run on the GPU)."""
+    calling request's error, INVALID_ARG: see the comment below). Outputs are asked for in CPU memory (a
+    TensorRT model may run on the GPU)."""
     pb_utils = pb._pb()
     kwargs = {}
     if hasattr(pb_utils, "PreferredMemory"):  # Triton >= 23.04
@@ -97,14 +97,11 @@ def bls_call(model: str, inputs: Arrays, outputs: tuple[str, ...]) -> Arrays:
         **kwargs,
     )
     response = request.exec()
-    if response.has_error():  # the called model's client error is this request's; anything else a fault
-        error = response.error()
-        code = error.code() if hasattr(error, "code") else None
-        message = f"model {model!r}: {error.message()}"
-        invalid = getattr(getattr(pb_utils, "TritonError", None), "INVALID_ARG", code)
-        if code is not None and code != invalid:
-            raise RuntimeError(message)
-        raise InputError(message)
+    if response.has_error():
+        # Triton 2.51 answers every BLS error with code INTERNAL, whatever the called model said (its
+        # INVALID_ARG is lost), so the code cannot tell a client's bad input from a fault. The called
+        # models are this repository's own, whose errors are their input checks: the request's error.
+        raise InputError(f"model {model!r}: {response.error().message()}")
     out = {}
     for name in outputs:
         tensor = pb_utils.get_output_tensor_by_name(response, name)
