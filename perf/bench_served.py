@@ -112,9 +112,7 @@ class InProcessEndpoint:
             self.steps = [(name, {n: n for n in spec.input_names}, {t.name: t.name for t in spec.outputs})]
         self.models = {m: load_python_model(repository / m) for m, _, _ in self.steps}
         for model in self.models.values():
-            if hasattr(
-                model, "connect"
-            ):  # a BLS model (text_video_rerank): its called models, called directly
+            if hasattr(model, "connect"):  # a BLS model (text_video_rerank): its called models, directly
                 called = {name: load_python_model(repository / name) for name in model.models.values()}
                 model.connect(direct_call(called))
 

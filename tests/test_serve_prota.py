@@ -38,6 +38,7 @@ from xmr.export.iospec import ModelSpec
 from xmr.export.repository import BOUNDS, MODELS, build_repository, read_serving
 from xmr.export.runners import read_bounds
 from xmr.export.video_export import export_video_run
+from xmr.models.errors import InputError
 from xmr.models.train.video import VideoTrainConfig, train_video
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -202,18 +203,25 @@ def test_export_writes_the_token_store_and_the_repository_serves_the_reranker(
         assert re.search(rf'key: "{key}"\s+value \{{\s+string_value: "{value}"', rerank), key
 
 
-def test_a_repository_without_the_called_models_is_refused(prota_artifact, tmp_path):
-    """An older ProTA export (no token store) serves the first stage only; a manifest whose scorer spec
-    is gone cannot serve the re-ranker, and says which called model is missing."""
+def test_an_older_export_serves_the_first_stage_and_a_missing_called_model_is_refused(
+    prota_artifact, monkeypatch
+):
+    """An export made before the token store serves the first stage only; a BLS model whose called model
+    the artifact does not serve is refused, naming both."""
+    import dataclasses
+
     from xmr.export.repository import served_models
 
     manifest = json.loads((prota_artifact / "manifest.json").read_text())
-    assert "text_video_rerank" in served_models(manifest)
-    older = {
-        **manifest,
-        "files": {k: v for k, v in manifest["files"].items() if not k.startswith("gallery_m")},
-    }
-    assert "text_video_rerank" not in served_models(older) and "video_pair_scorer" not in served_models(older)
+    assert {"text_video_rerank", "video_pair_scorer"} <= set(served_models(manifest))
+    files = {k: v for k, v in manifest["files"].items() if not k.startswith("gallery_m")}
+    older = served_models({**manifest, "files": files})
+    assert "text_video_search" in older
+    assert "text_video_rerank" not in older and "video_pair_scorer" not in older
+    row = dataclasses.replace(MODELS["text_video_rerank"], calls=("video_tokenizer", "video_reranker_v2"))
+    monkeypatch.setitem(MODELS, "text_video_rerank", row)
+    with pytest.raises(InputError, match="model 'text_video_rerank' calls model 'video_reranker_v2'"):
+        served_models(manifest)
 
 
 # ----------------------------------------------------------------------------- served answers
