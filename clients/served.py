@@ -204,6 +204,11 @@ def _recall(ids: np.ndarray, targets: np.ndarray, ks=KS) -> dict[str, float]:
     return {f"t2v_R@{k}": v for k, v in zip(ks, _hits(ids, targets, ks), strict=True)}
 
 
+def _recall_line(served: dict[str, float], reference: dict[str, float]) -> str:
+    """ "t2v_R@1 80.0/80.0, ...": each served R@K beside the in-process one."""
+    return ", ".join(f"{key} {served[key]:.1f}/{reference[key]:.1f}" for key in served)
+
+
 def _hits(ids: np.ndarray, targets: np.ndarray, ks) -> list[float]:
     return [100.0 * float((ids[:, :k] == targets[:, None]).any(axis=1).mean()) for k in ks]
 
@@ -297,6 +302,7 @@ def check_rerank(client: XmrClient, artifacts: Path, n: int = 32, tol: float = 1
     """The first `n` test captions through the served `text_video_rerank` against the same two stages in
     process: the PyTorch text tower and pair scorer, FAISS over the artifact's global gallery, the
     artifact's token store, the served shortlist size and fusion weight (`repository.MODELS`)."""
+    from xmr.export.bls_rerank import load_gallery
     from xmr.export.manifest import read_manifest
     from xmr.export.repository import MODELS
     from xmr.export.scoring import ArtifactTask, run_of
@@ -306,10 +312,9 @@ def check_rerank(client: XmrClient, artifacts: Path, n: int = 32, tol: float = 1
     params = MODELS["text_video_rerank"].parameters
     size, fuse = int(params["shortlist"]), float(params["fuse"])
     task = ArtifactTask.of(read_manifest(artifacts))
-    folder = Path(artifacts)
-    embeddings = np.load(folder / "gallery.npy")
-    mu, sigma, mask, ids = (np.load(folder / f"gallery_{x}.npy") for x in ("mu", "sigma", "mask", "ids"))
-    gallery = VideoGallery(embeddings, mu, sigma, mask, ids)
+    tokens = load_gallery(Path(artifacts))  # the token store the served model loads, + the global gallery
+    embeddings = np.load(Path(artifacts) / "gallery.npy")
+    gallery = VideoGallery(embeddings, tokens.mu, tokens.sigma, tokens.mask, tokens.ids)
     split = task.split("test", len(gallery))
     texts = split.flat_captions()[:n]
     targets = split.caption_video_index()[:n]
@@ -412,25 +417,19 @@ def check_artifact(client: XmrClient, artifacts: Path, n: int = 32, tol: float =
         return check_image_text(client, artifacts, n, tol)
     if kind == "video":
         r = check_video(client, artifacts, n, tol)
-        recall = ", ".join(
-            f"{key} {r.served_recall[key]:.1f}/{r.reference_recall[key]:.1f}" for key in r.served_recall
-        )
         lines = [
             f"text embeddings: max abs err {r.max_abs_err_text:.2e}; video embeddings: "
             f"{r.max_abs_err_video:.2e}; rankings equal (up to ties): {r.rows_agreeing}/{r.rows}; "
             f"tolerance {tol:g}",
-            f"served / in-process: {recall}",
+            f"served / in-process: {_recall_line(r.served_recall, r.reference_recall)}",
         ]
         ok = r.ok
         if (Path(artifacts) / "gallery_mu.npy").is_file():  # ProTA's token store: text_video_rerank is served
             rr = check_rerank(client, artifacts, n, tol)
-            recall = ", ".join(
-                f"{key} {rr.served_recall[key]:.1f}/{rr.reference_recall[key]:.1f}"
-                for key in rr.served_recall
-            )
             lines.append(
                 f"re-ranked (text_video_rerank): rankings equal (up to ties): {rr.rows_agreeing}/{rr.rows}; "
-                f"scores max abs err {rr.max_abs_err:.2e}; served / in-process: {recall}"
+                f"scores max abs err {rr.max_abs_err:.2e}; served / in-process: "
+                + _recall_line(rr.served_recall, rr.reference_recall)
             )
             ok &= rr.ok
         return FamilyCheck("video", ok, lines)

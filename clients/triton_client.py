@@ -90,17 +90,18 @@ class XmrClient:
         except Exception:  # noqa: BLE001 - any failure to answer means "not ready"
             return False
 
-    def text_search(self, texts: list[str], k: int = 5) -> SearchResult:
-        """Top-k gallery ids and scores for each text, plus the served text embeddings."""
+    def _text_query(self, spec: ModelSpec, texts: list[str] | str, k: int):
+        """One text-and-top_k request to `spec`'s model (a row per text), every output asked for."""
         if isinstance(texts, str):
             texts = [texts]
         text = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
         top_k = np.full((len(texts), 1), k, dtype=np.int64)
-        result = self._infer(
-            "text_search",
-            [self._input(TEXT_SEARCH, "text", text), self._input(TEXT_SEARCH, "top_k", top_k)],
-            TEXT_SEARCH.output_names,
-        )
+        inputs = [self._input(spec, "text", text), self._input(spec, "top_k", top_k)]
+        return self._infer(spec.name, inputs, spec.output_names)
+
+    def text_search(self, texts: list[str], k: int = 5) -> SearchResult:
+        """Top-k gallery ids and scores for each text, plus the served text embeddings."""
+        result = self._text_query(TEXT_SEARCH, texts, k)
         return SearchResult(
             result.as_numpy("ids"), result.as_numpy("scores"), result.as_numpy("text_embedding")
         )
@@ -114,14 +115,7 @@ class XmrClient:
     def text_video_search(self, texts: list[str], k: int = 5) -> SearchResult:
         """Top-k video ids and scores for each text from `text_video_search`, plus the served text
         embeddings (the video model's text tower)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        text = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
-        top_k = np.full((len(texts), 1), k, dtype=np.int64)
-        spec = TEXT_VIDEO_SEARCH
-        result = self._infer(
-            spec.name, [self._input(spec, "text", text), self._input(spec, "top_k", top_k)], spec.output_names
-        )
+        result = self._text_query(TEXT_VIDEO_SEARCH, texts, k)
         return SearchResult(
             result.as_numpy("ids"), result.as_numpy("scores"), result.as_numpy("text_embedding")
         )
@@ -129,14 +123,7 @@ class XmrClient:
     def text_video_rerank(self, texts: list[str], k: int = 5) -> SearchResult:
         """ProTA's two-stage search: the first stage's shortlist re-ranked by the pair scorer -> top-k video
         ids and their re-ranking scores for each text (k is cut to the served shortlist)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        text = np.array([t.encode("utf-8") for t in texts], dtype=object).reshape(-1, 1)
-        top_k = np.full((len(texts), 1), k, dtype=np.int64)
-        spec = TEXT_VIDEO_RERANK
-        result = self._infer(
-            spec.name, [self._input(spec, "text", text), self._input(spec, "top_k", top_k)], spec.output_names
-        )
+        result = self._text_query(TEXT_VIDEO_RERANK, texts, k)
         return SearchResult(result.as_numpy("ids"), result.as_numpy("scores"), None)
 
     def video_embed(self, video: np.ndarray, frame_mask: np.ndarray) -> np.ndarray:

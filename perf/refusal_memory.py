@@ -206,11 +206,10 @@ def served_phases(args) -> list[dict]:
         phase = [r for r in rows if r["phase"] == i]
         first, last = phase[0], phase[-1]
         refused = last["refused"] - first["refused"]
-        growth = {}
-        for proc in {r["process"] for r in phase}:
-            a = next(r for r in phase if r["process"] == proc)
-            b = [r for r in phase if r["process"] == proc][-1]
-            growth[proc] = round(b["uss_mib"] - a["uss_mib"], 2)
+        uss: dict[str, list[float]] = {}  # process -> its samples in this phase, in order
+        for r in phase:
+            uss.setdefault(r["process"], []).append(r["uss_mib"])
+        growth = {proc: round(samples[-1] - samples[0], 2) for proc, samples in uss.items()}
         phases.append(
             {
                 "traffic": name,

@@ -73,9 +73,10 @@ def read_facts(repository) -> Facts:
     serving = read_serving(repository)
     specs = {n: ModelSpec.from_dict(d) for n, d in serving["specs"].items()}
     bounds = {n: {(b.tensor, b.of): b for b in read_bounds(repository / n / "1" / BOUNDS)} for n in specs}
-    gallery = {
+    gallery = {  # the gallery models the repository serves
         n: len(np.load(repository / n / "1" / "gallery.npy", mmap_mode="r"))
         for n in ("gallery_topk", "video_gallery_topk")
+        if n in specs
     }
     return Facts(specs, bounds, gallery)
 

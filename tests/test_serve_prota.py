@@ -28,15 +28,14 @@ from test_hostile import (
     assert_same,
     col,
     filled,
+    read_facts,
     swap,
     text,
     text_cases,
 )
 
 from xmr.export.bls_rerank import GALLERY_FILES
-from xmr.export.iospec import ModelSpec
-from xmr.export.repository import BOUNDS, MODELS, build_repository, read_serving
-from xmr.export.runners import read_bounds
+from xmr.export.repository import MODELS, build_repository, read_serving
 from xmr.export.video_export import export_video_run
 from xmr.models.errors import InputError
 from xmr.models.train.video import VideoTrainConfig, train_video
@@ -165,13 +164,8 @@ class ProTAServer(Server):
 def server(prota_repository):
     from xmr.clients.server import TritonServer
 
-    serving = read_serving(prota_repository)
-    specs = {n: ModelSpec.from_dict(d) for n, d in serving["specs"].items()}
-    bounds = {
-        n: {(b.tensor, b.of): b for b in read_bounds(prota_repository / n / "1" / BOUNDS)} for n in specs
-    }
     triton = TritonServer(prota_repository).start()
-    s = ProTAServer(triton, Facts(specs, bounds, {}))
+    s = ProTAServer(triton, read_facts(prota_repository))
     s.reference = s.answers()
     yield s
     triton.stop()
@@ -251,17 +245,13 @@ def test_concurrent_good_and_bad_rerank_requests(server):
     """Bad requests among good ones, in flight together: each bad one gets its own INVALID_ARGUMENT, every
     good one the answer it gets alone."""
     texts = [GOOD_TEXT, "", "a blue square above a red circle", "\xff", "a green triangle"] * 3
-    alone = {
-        t: server.infer(
-            "grpc", "text_video_rerank", good(server.facts, "text_video_rerank") | {"text": text(t)}
-        )
-        for t in set(texts)
-    }
 
     def ask(t):
         return server.infer(
             "grpc", "text_video_rerank", good(server.facts, "text_video_rerank") | {"text": text(t)}
         )
+
+    alone = {t: ask(t) for t in set(texts)}
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(ask, texts))
