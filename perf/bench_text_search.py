@@ -35,6 +35,7 @@ prints the table and the served / in-process throughput ratio at each batch size
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import itertools
@@ -43,6 +44,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -52,7 +54,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -94,6 +96,7 @@ class Settings:
     )
     shared_memory: str = "none"  # perf_analyzer --shared-memory: none | system (inputs/outputs via /dev/shm)
     streaming: bool = False  # perf_analyzer --streaming (gRPC bidirectional stream)
+    asynchronous: bool = False  # perf_analyzer --async (requests completed by one thread, not N blocking)
 
 
 @dataclass
@@ -108,6 +111,12 @@ class Point:
     p90_ms: float
     p99_ms: float
     requests: int  # requests measured
+    # where the CPU went while the point ran, in cores (CPU seconds / wall seconds; this machine has
+    # os.cpu_count()): `tritonserver` itself, its python-backend stub processes, and the client
+    # (perf_analyzer; for in-process points, this Python process running the pipeline); NaN: not measured
+    cores_server: float = math.nan
+    cores_stubs: float = math.nan
+    cores_client: float = math.nan
 
 
 # ----------------------------------------------------------------------------- captions
@@ -171,6 +180,7 @@ def perf_analyzer_command(
         # variable-shape outputs (ids, scores: k per row) need a region size; 64 KiB holds k=1000 at batch 8
         *(["--output-shared-memory-size=65536"] if settings.shared_memory != "none" else []),
         *(["--streaming"] if settings.streaming else []),
+        *(["--async"] if settings.asynchronous else []),
     ]
 
 
@@ -199,6 +209,48 @@ def parse_request_count(stdout: str) -> int:
     """The client's request count of the reported (last) measurement in perf_analyzer's console output."""
     counts = re.findall(r"^\s*Request count: (\d+)", stdout, flags=re.MULTILINE)
     return int(counts[-1]) if counts else 0
+
+
+class CpuProbe:
+    """CPU seconds used between `start()` and `stop()` by a server, its stub processes and this process's
+    reaped children (perf_analyzer runs as one), as cores: the split behind a served/in-process ratio on a
+    machine where the load generator and the server share the cores."""
+
+    def __init__(self, server_pid: int | None):
+        import psutil
+
+        self.server = psutil.Process(server_pid) if server_pid else None
+
+    def _seconds(self) -> tuple[float, float, float]:
+        import psutil
+
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        client = children.ru_utime + children.ru_stime
+        if self.server is None:
+            return math.nan, math.nan, client
+        cpu = lambda p: sum(p.cpu_times()[:2])  # noqa: E731 (user + system)
+        stubs = 0.0
+        for child in self.server.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # a stub that exited meanwhile
+                stubs += cpu(child)
+        return cpu(self.server), stubs, client
+
+    def start(self) -> None:
+        self.wall, self.before = time.perf_counter(), self._seconds()
+
+    def stop(self) -> dict[str, float]:
+        after, wall = self._seconds(), time.perf_counter() - self.wall
+        names = ("cores_server", "cores_stubs", "cores_client")
+        return {n: round((b - a) / wall, 3) for n, a, b in zip(names, self.before, after, strict=True)}
+
+
+def self_cores(run: Callable[..., Point], *args) -> Point:
+    """`run(*args)`'s point with the cores this process used meanwhile (the in-process side's CPU)."""
+    before, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    point = run(*args)
+    after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall
+    used = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return replace(point, cores_client=round(used / wall, 3))
 
 
 def run_perf_analyzer(
@@ -464,23 +516,25 @@ def measure_served(
     rows labelled with batch and concurrency."""
     points, failures, hops = [], [], []
     grid = list(itertools.product(settings.batch_sizes, settings.concurrencies))
-    probe = StatsProbe(server.grpc_url, settings.model)
+    probe, cpu = StatsProbe(server.grpc_url, settings.model), CpuProbe(server.pid)
     try:
         for batch, concurrency in (
             bar := tqdm(grid, desc="served (perf_analyzer)", unit="point", disable=None)
         ):
             bar.set_postfix(batch=batch, concurrency=concurrency)
             probe.start()
+            cpu.start()
             try:
                 point = run_perf_analyzer(server.grpc_url, input_json, batch, concurrency, settings, env)
             except PerfAnalyzerError as e:
                 failures.append(str(e))
                 tqdm.write(f"skipped: {e}")
                 continue
+            point = replace(point, **cpu.stop())
             breakdown = probe.stop()
             points.append(point)
             if in_process is not None:
-                points.append(in_process(batch, concurrency, point.requests))
+                points.append(self_cores(in_process, batch, concurrency, point.requests))
             hops += breakdown.rows(batch=batch, concurrency=concurrency)
             title = (
                 f"{settings.model}, batch {batch}, concurrency {concurrency}: "

@@ -39,6 +39,8 @@ class Variant:
     ensemble: bool = False  # text_search as the tokenizer -> text_encoder -> gallery_topk ensemble
     shared_memory: str = "none"
     streaming: bool = False
+    threads: dict = field(default_factory=dict)  # {model: ONNX Runtime intra-op threads per instance}
+    asynchronous: bool = False  # perf_analyzer --async (one completion thread instead of N blocking ones)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -47,6 +49,13 @@ VARIANTS: dict[str, Variant] = {
     "d100-i2": Variant(delay_us=100, instances={"text_search": 2}),
     "i2-shm": Variant(instances={"text_search": 2}, shared_memory="system"),
     "i2-stream": Variant(instances={"text_search": 2}, streaming=True),
+    "i3": Variant(instances={"text_search": 3}),
+    "i4": Variant(instances={"text_search": 4}),
+    "i2-async": Variant(instances={"text_search": 2}, asynchronous=True),
+    "i2-shm-async": Variant(instances={"text_search": 2}, shared_memory="system", asynchronous=True),
+    "i2-shm-stream": Variant(instances={"text_search": 2}, shared_memory="system", streaming=True),
+    "i1-t2": Variant(instances={"text_search": 1}, threads={"text_search": 2}),
+    "d500-i1-t2": Variant(delay_us=500, instances={"text_search": 1}, threads={"text_search": 2}),
     "ensemble-d500": Variant(delay_us=500, ensemble=True),  # the design before the one-hop model
     "ensemble-d0": Variant(ensemble=True),
     "ensemble-d100": Variant(delay_us=100, ensemble=True),
@@ -68,6 +77,8 @@ def make_variant(base: Path, out: Path, v: Variant) -> Path:
         if path.parent.name in v.instances:
             for group in cfg.instance_group:
                 group.count = v.instances[path.parent.name]
+        if path.parent.name in v.threads:
+            cfg.parameters["threads"].string_value = str(v.threads[path.parent.name])
         path.write_text(text_format.MessageToString(cfg))
     return out
 
@@ -135,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             v = VARIANTS[name]
             console.rule(f"variant {name}: {v}")
             repo = make_variant(base, Path(tmp) / name, v)
-            run = replace(settings, shared_memory=v.shared_memory, streaming=v.streaming)
+            run = replace(
+                settings, shared_memory=v.shared_memory, streaming=v.streaming, asynchronous=v.asynchronous
+            )
             points, env = measure(args.artifacts, repo, run, console)
             rows += summary_rows(name, points)
             hops += [{"variant": name, **h} for h in env["hops"]]

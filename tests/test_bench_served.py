@@ -4,6 +4,7 @@ writes every output for every entry point."""
 from __future__ import annotations
 
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -89,6 +90,12 @@ def test_a_short_run_writes_every_output(tiny_repository, tmp_path):
         for c in ("1", "2")
     }
     assert all(float(r["throughput_qps"]) > 0 for r in rows)
+    # where the CPU went: the server, its stubs and perf_analyzer for served points, this process in-process
+    for r in rows:
+        measured = (
+            ("cores_server", "cores_stubs", "cores_client") if r["backend"] == "served" else ("cores_client",)
+        )
+        assert all(0 < float(r[k]) <= os.cpu_count() + 0.5 for k in measured), r
     ratios = list(csv.DictReader((out / "served_ratio.csv").open()))
     assert len(ratios) == 4 and all(float(r["served_over_in_process"]) > 0 for r in ratios)
     hops = list(csv.DictReader((out / "served_hops.csv").open()))

@@ -100,8 +100,11 @@ def test_throughput_ratios_and_csv():
     ]
     assert throughput_ratios(points) == {(1, 4): pytest.approx(0.25)}
     lines = points_csv(points).splitlines()
-    assert lines[0] == "backend,batch,concurrency,throughput_qps,p50_ms,p90_ms,p99_ms,requests"
-    assert lines[1] == "served,1,4,300.0,10.0,12.0,20.0,100"
+    assert lines[0] == (
+        "backend,batch,concurrency,throughput_qps,p50_ms,p90_ms,p99_ms,requests,"
+        "cores_server,cores_stubs,cores_client"
+    )
+    assert lines[1] == "served,1,4,300.0,10.0,12.0,20.0,100,nan,nan,nan"  # CPU not measured here
 
 
 def test_perf_analyzer_command_model_and_transports():
@@ -113,3 +116,6 @@ def test_perf_analyzer_command_model_and_transports():
     cmd = perf_analyzer_command("127.0.0.1:1", Path("in.json"), 1, 1, settings, Path("out.csv"))
     assert "--shared-memory=system" in cmd and "--streaming" in cmd
     assert any(a.startswith("--output-shared-memory-size=") for a in cmd)  # ids/scores have a variable k
+    assert "--async" not in cmd
+    settings = Settings([1], [1], 1000, 25, 10, 200, 48, 10, asynchronous=True)
+    assert "--async" in perf_analyzer_command("127.0.0.1:1", Path("in.json"), 1, 1, settings, Path("o.csv"))
