@@ -9,7 +9,7 @@ import pytest
 
 from xmr.models.errors import InputError
 from xmr.models.evaluate.retrieval import retrieval_metrics
-from xmr.perf.recall_noise import perturb, text_groups
+from xmr.perf.recall_noise import batchings, perturb, text_groups
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -52,3 +52,14 @@ def test_a_tiny_difference_between_identical_captions_costs_one_image_its_hit():
     # the same error on both copies keeps the tie
     both = np.repeat(apart[1:], 2, axis=0)
     assert retrieval_metrics(images @ both.T, owners)["i2t_R@1"] == 100.0
+
+
+def test_batchings_embed_every_caption_or_each_distinct_text_once():
+    captions = ["a", "b", "a", "c", "b", "d"]
+    ways = batchings(captions, seeds=2)
+    assert ways["as evaluated: 512 consecutive captions per call"] == (list(range(6)), 512)
+    assert ways["each distinct text once, 512 per call"] == ([0, 1, 3, 5], 512)
+    for seed in range(2):
+        order, size = ways[f"shuffled (seed {seed}), 64 per call"]
+        assert sorted(order) == list(range(6)) and size == 64
+    assert ways["one caption per call"] == (list(range(6)), 1)
