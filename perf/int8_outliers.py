@@ -173,6 +173,28 @@ def batch_dependence(runner: OnnxRunner, feeds: dict) -> float:
     return float(np.abs(together - np.stack(alone)).max())
 
 
+def op_times(path: Path, feeds: dict, threads: int, runs: int = 10) -> dict[str, float]:
+    """ms per run spent in each op type (ONNX Runtime's profiler, after 3 warm-up runs), largest first."""
+    import json
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="xmr-profile-") as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.enable_profiling, opts.profile_file_prefix = True, str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        for _ in range(3 + runs):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            totals[e["args"]["op_name"]] = totals.get(e["args"]["op_name"], 0.0) + e["dur"]
+    total_runs = 3 + runs
+    return {op: us / total_runs / 1e3 for op, us in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def activation_ranges(path: Path, feeds: dict) -> list[dict]:
     """Per token MatMul input: max |x| over every token and over every token but the first."""
     import onnxruntime as ort
@@ -205,7 +227,9 @@ def quantize(source: Path, dest: Path, exclude: list[str]) -> Path:
     return dest
 
 
-def measure(artifact: Path, threads: int, repeats: int, dev_items: int) -> tuple[list[dict], list[dict]]:
+def measure(
+    artifact: Path, threads: int, repeats: int, dev_items: int
+) -> tuple[list[dict], list[dict], list[dict]]:
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice about pre-processing
     task = ArtifactTask.of(read_manifest(artifact))
     spec = task.specs[TOWER]
@@ -219,7 +243,7 @@ def measure(artifact: Path, threads: int, repeats: int, dev_items: int) -> tuple
         run_of({"image_encoder": image_runner}), task.specs["image_encoder"], test.images, task.model
     )
     speed_feeds = tower_inputs(task, TOWER, 64)
-    rows = []
+    rows, ops = [], []
     with tempfile.TemporaryDirectory(prefix="xmr-outliers-") as tmp:
         tmp = Path(tmp)
         fp32_path = artifact / f"{TOWER}.onnx"
@@ -248,6 +272,10 @@ def measure(artifact: Path, threads: int, repeats: int, dev_items: int) -> tuple
                 images @ texts(runner, test.flat_captions()).T, test.caption_image_index()
             )
             speed = 1.0 if name == "FP32" else paired_speedup(runners["FP32"], runner, speed_feeds, repeats)
+            ops += [
+                {"variant": name, "op_type": op, "ms_per_run": round(ms, 3)}
+                for op, ms in op_times(variants[name], speed_feeds, threads).items()
+            ]
             rows.append(
                 {
                     "variant": name,
@@ -259,14 +287,19 @@ def measure(artifact: Path, threads: int, repeats: int, dev_items: int) -> tuple
                     "size_mb": round(os.path.getsize(variants[name]) / 2**20, 1),
                 }
             )
-    return rows, ranges
+    return rows, ranges, ops
 
 
-def write(out: Path, rows: list[dict], ranges: list[dict], threads: int) -> None:
+def write(out: Path, rows: list[dict], ranges: list[dict], ops: list[dict], threads: int) -> None:
     import onnxruntime as ort
 
     out.mkdir(parents=True, exist_ok=True)
-    for name, table in (("int8_outliers.csv", rows), ("int8_outliers_ranges.csv", ranges)):
+    files = (
+        ("int8_outliers.csv", rows),
+        ("int8_outliers_ranges.csv", ranges),
+        ("int8_outliers_ops.csv", ops),
+    )
+    for name, table in files:
         with open(out / name, "w", newline="") as f:
             writer = csv.DictWriter(f, list(table[0]), lineterminator="\n")
             writer.writeheader()
@@ -293,6 +326,18 @@ def write(out: Path, rows: list[dict], ranges: list[dict], threads: int) -> None
             for r in rows
         ),
     ]
+    lines += [
+        "",
+        "Where each variant's time goes at batch 64 (ONNX Runtime's profiler, ms per run by op type, the "
+        "six largest; every op in `int8_outliers_ops.csv`):",
+        "",
+        "| variant | total ms | largest op types (ms) |",
+        "|---|---|---|",
+    ]
+    for variant in dict.fromkeys(o["variant"] for o in ops):
+        mine = [o for o in ops if o["variant"] == variant]
+        top = ", ".join(f"{o['op_type']} {o['ms_per_run']:.1f}" for o in mine[:6])
+        lines.append(f"| {variant} | {sum(o['ms_per_run'] for o in mine):.1f} | {top} |")
     (out / "int8_outliers.md").write_text("\n".join(lines) + "\n")
 
 
@@ -306,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15, help="timed runs of each graph")
     parser.add_argument("--dev-items", type=int, default=200, help="val images whose captions measure error")
     args = parser.parse_args(argv)
-    rows, ranges = measure(args.artifact, args.threads, args.repeats, args.dev_items)
-    write(args.out, rows, ranges, args.threads)
+    rows, ranges, ops = measure(args.artifact, args.threads, args.repeats, args.dev_items)
+    write(args.out, rows, ranges, ops, args.threads)
     print((args.out / "int8_outliers.md").read_text())
     return 0
 
