@@ -35,8 +35,6 @@ import io
 import itertools
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -54,7 +52,6 @@ from xmr.clients.load import read_manifest as repository_manifest
 from xmr.clients.server import TritonServer
 from xmr.clients.stats import breakdown_csv
 from xmr.export.iospec import ModelSpec
-from xmr.export.repository import build_repository
 from xmr.models.errors import InputError
 from xmr.perf.bench_text_search import (
     Point,
@@ -62,6 +59,8 @@ from xmr.perf.bench_text_search import (
     environment,
     link_perf_analyzer_libs,
     measure_served,
+    run_measurement,
+    settings_problem,
     summarise,
     throughput_ratios,
     tritonserver_version,
@@ -374,29 +373,22 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_sizes, args.concurrency, args.window_ms, args.stability, args.max_trials,
         args.min_requests, captions=POOL, top_k=0,
     )  # fmt: skip
-    if min([*settings.batch_sizes, *settings.concurrencies, settings.window_ms, settings.max_trials]) < 1:
-        console.print("error: batch sizes, concurrencies, --window-ms and --max-trials must be >= 1")
+    if problem := settings_problem(settings):
+        console.print(f"error: {problem}")
         return 2
     if not args.artifacts and args.repository is None:
         console.print("error: give artifact folders or --repository")
         return 2
     started = time.perf_counter()
-    build_dir = None
-    try:
-        repository = args.repository
-        if repository is None:
-            build_dir = Path(tempfile.mkdtemp(prefix="xmr-bench-repo-"))
-            repository = build_repository(args.artifacts, build_dir / "repository", "cpu")
-        points, hops, report = measure(repository, settings, console, args.only)
-    except InputError as e:
-        console.print(f"error: {e}")
-        return 2
-    except (RuntimeError, subprocess.TimeoutExpired) as e:  # ServerError, perf_analyzer hanging
-        console.print(f"error: {e}")
-        return 1
-    finally:
-        if build_dir is not None:
-            shutil.rmtree(build_dir, ignore_errors=True)
+    measured, code = run_measurement(
+        console,
+        args.artifacts,
+        args.repository,
+        lambda repository: measure(repository, settings, console, args.only),
+    )
+    if measured is None:
+        return code
+    points, hops, report = measured
     report["wall_s"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "served.csv", lambda p: p.write_text(points_csv(points)))

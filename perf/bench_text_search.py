@@ -45,7 +45,6 @@ import os
 import platform
 import re
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from importlib.metadata import version
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from rich.console import Console
@@ -76,6 +76,7 @@ from xmr.models.tokenizer import TextLimits, encode_batch, load_tokenizer
 from xmr.perf.tables import cpu_model
 
 MODEL = "text_search"
+T = TypeVar("T")
 # perf_analyzer links these sonames; the nvidia-pytriton wheel bundles them under hashed file names.
 PERF_ANALYZER_LIBS = {"libb64.so.0d": "libb64-*.so.0d*", "libcudart.so.12": "libcudart-*.so.12*"}
 
@@ -578,6 +579,32 @@ def measure(
     return points, report
 
 
+def settings_problem(settings: Settings) -> str | None:
+    """What is wrong with the grid and perf_analyzer settings a user gave, or None."""
+    if min([*settings.batch_sizes, *settings.concurrencies, settings.window_ms, settings.max_trials]) < 1:
+        return "batch sizes, concurrencies, --window-ms and --max-trials must be >= 1"
+    return None
+
+
+def run_measurement(
+    console: Console, artifacts: list[Path] | Path, repository: Path | None, run: Callable[[Path], T]
+) -> tuple[T | None, int]:
+    """`run(repository)`: on `repository` as given, else on a cpu repository built from `artifacts` in a
+    temporary folder (removed after). Returns (its result, 0), or (None, exit code) with the error printed:
+    2 for bad input, 1 for a server or perf_analyzer failure."""
+    try:
+        if repository is not None:
+            return run(repository), 0
+        with tempfile.TemporaryDirectory(prefix="xmr-bench-repo-") as tmp:
+            return run(build_repository(artifacts, Path(tmp) / "repository", "cpu")), 0
+    except InputError as e:
+        console.print(f"error: {e}")
+        return None, 2
+    except (RuntimeError, subprocess.TimeoutExpired) as e:  # ServerError, perf_analyzer hanging
+        console.print(f"error: {e}")
+        return None, 1
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m xmr.perf.bench_text_search",
@@ -618,26 +645,19 @@ def main(argv: list[str] | None = None) -> int:
         shared_memory=args.shared_memory,
         streaming=args.streaming,
     )
-    if min([*settings.batch_sizes, *settings.concurrencies, settings.window_ms, settings.max_trials]) < 1:
-        console.print("error: batch sizes, concurrencies, --window-ms and --max-trials must be >= 1")
+    if problem := settings_problem(settings):
+        console.print(f"error: {problem}")
         return 2
     started = time.perf_counter()
-    build_dir = None
-    try:
-        repository = args.repository
-        if repository is None:
-            build_dir = Path(tempfile.mkdtemp(prefix="xmr-bench-repo-"))
-            repository = build_repository(args.artifacts, build_dir / "repository", "cpu")
-        points, env = measure(args.artifacts, repository, settings, console)
-    except InputError as e:
-        console.print(f"error: {e}")
-        return 2
-    except (RuntimeError, subprocess.TimeoutExpired) as e:  # ServerError, perf_analyzer hanging
-        console.print(f"error: {e}")
-        return 1
-    finally:
-        if build_dir is not None:
-            shutil.rmtree(build_dir, ignore_errors=True)
+    measured, code = run_measurement(
+        console,
+        args.artifacts,
+        args.repository,
+        lambda repository: measure(args.artifacts, repository, settings, console),
+    )
+    if measured is None:
+        return code
+    points, env = measured
     env["wall_s"] = round(time.perf_counter() - started, 1)
 
     args.out.mkdir(parents=True, exist_ok=True)
