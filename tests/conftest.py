@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,22 +108,34 @@ def triton(tiny_repository):
 CHEAP_VIDEO_DATA = {"n_train": 16, "n_val": 8, "n_test": 8}
 
 
-@pytest.fixture(scope="session")
-def cheap_family_artifacts(tmp_path_factory):
-    """{"visern": artifact folder, "cdnet": artifact folder}: untuned tiny runs exported in the standard
-    form, for tests that need every served model (their answers, not their accuracy)."""
+def export_families(root: Path, data: dict, backbone_steps: int, batch_size: int) -> dict[str, Path]:
+    """{"visern": artifact folder, "cdnet": artifact folder}: one-epoch runs on `data` (split sizes),
+    exported in the standard form under `root`."""
     from xmr.export.moment_export import export_moment_run
     from xmr.export.video_export import export_video_run
     from xmr.models.train.moments import MomentTrainConfig, train_moment
     from xmr.models.train.video import VideoTrainConfig, train_video
 
-    root = tmp_path_factory.mktemp("cheap_families")
-    common = dict(epochs=1, batch_size=8, cache_dir=str(root / "cache"), data_overrides=CHEAP_VIDEO_DATA)
-    train_video(VideoTrainConfig(model="visern", backbone_steps=2, **common), root / "runs" / "visern")
-    train_moment(MomentTrainConfig(backbone_steps=2, **common), root / "runs" / "cdnet")
-    export_video_run(root / "runs" / "visern", root / "visern", "standard")
-    export_moment_run(root / "runs" / "cdnet", root / "cdnet", "standard")
+    common = dict(epochs=1, batch_size=batch_size, cache_dir=str(root / "cache"), data_overrides=data)
+    runs = root / "runs"
+    train_video(VideoTrainConfig(model="visern", backbone_steps=backbone_steps, **common), runs / "visern")
+    train_moment(MomentTrainConfig(backbone_steps=backbone_steps, **common), runs / "cdnet")
+    export_video_run(runs / "visern", root / "visern", "standard")
+    export_moment_run(runs / "cdnet", root / "cdnet", "standard")
     return {"visern": root / "visern", "cdnet": root / "cdnet"}
+
+
+@pytest.fixture(scope="session")
+def cheap_family_artifacts(tmp_path_factory):
+    """Untuned tiny ViSERN and CDNet artifacts (`export_families`), for tests that need every served
+    model (their answers, not their accuracy)."""
+    return export_families(tmp_path_factory.mktemp("cheap_families"), CHEAP_VIDEO_DATA, 2, 8)
+
+
+@pytest.fixture(scope="session")
+def family_exporter():
+    """`export_families`, for test modules that train their own video and moment artifacts."""
+    return export_families
 
 
 @pytest.fixture(scope="session")

@@ -22,27 +22,17 @@ import pytest
 from test_model_configs import check_against_manifest, parse_configs
 
 from xmr.export.iospec import ModelSpec
-from xmr.export.moment_export import export_moment_run
 from xmr.export.repository import ENSEMBLES, build_repository, read_serving, serves_as, step_maps
-from xmr.export.video_export import export_video_run
 from xmr.models.errors import InputError
-from xmr.models.train.moments import MomentTrainConfig, train_moment
-from xmr.models.train.video import VideoTrainConfig, train_video
 
 XMR = str(Path(sys.executable).parent / "xmr")
 TINY_DATA = {"n_train": 64, "n_val": 16, "n_test": 16}
 
 
 @pytest.fixture(scope="module")
-def family_artifacts(tmp_path_factory):
-    """{"visern": artifact folder, "cdnet": artifact folder}: tiny runs exported in the standard form."""
-    root = tmp_path_factory.mktemp("families")
-    common = dict(epochs=1, batch_size=16, cache_dir=str(root / "cache"), data_overrides=TINY_DATA)
-    train_video(VideoTrainConfig(model="visern", backbone_steps=40, **common), root / "runs" / "visern")
-    train_moment(MomentTrainConfig(backbone_steps=40, **common), root / "runs" / "cdnet")
-    export_video_run(root / "runs" / "visern", root / "visern", "standard")
-    export_moment_run(root / "runs" / "cdnet", root / "cdnet", "standard")
-    return {"visern": root / "visern", "cdnet": root / "cdnet"}
+def family_artifacts(tmp_path_factory, family_exporter):
+    """ViSERN and CDNet artifacts trained a little longer than the cheap ones (40 backbone steps)."""
+    return family_exporter(tmp_path_factory.mktemp("families"), TINY_DATA, 40, 16)
 
 
 @pytest.fixture(scope="module")
