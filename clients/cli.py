@@ -481,6 +481,11 @@ def _print_optimization(report: dict, model: str) -> None:
             console.print(
                 f"{graph}/{name}: max abs err {p['max_abs_err']:.2e}, min cosine {p['min_cosine']:.6f}"
             )
+    for graph, d in report.get("batch_dependence", {}).items():
+        console.print(
+            f"{graph}: an item's outputs in a batch vs alone differ by up to {d[report['precision']]:.1e} "
+            f"(FP32 {d['onnx_fp32']:.1e})"
+        )
     alphas = {g: c["alpha"] for g, c in report.get("smoothing", {}).items() if c["alpha"] is not None}
     if alphas:
         console.print(f"SmoothQuant alpha: {alphas}")

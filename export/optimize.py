@@ -29,7 +29,10 @@ they are gathers and small matmuls over a handful of sampled points (memory-boun
 and lose the sub-voxel positions), and the TensorRT plugins choose their own FP16 path.
 
 The new manifest records, in `optimization`: the precision and converter settings, the nodes kept in
-FP32, the dev search's steps, and on the test split the optimised graphs' max abs error and min cosine
+FP32, the dev search's steps, each graph's batch dependence (`batch_dependence`: how far an item's outputs
+move between running in a batch of dev items and running alone; dynamic INT8 scales activations by the
+range of the whole batch, so its results depend on the batch-mates, FP32's and static Q/DQ's do not), and
+on the test split the optimised graphs' max abs error and min cosine
 against PyTorch and their task metrics beside the FP32 ONNX graphs' and PyTorch's. `optimize` raises
 `RecallGateError`, naming the gate and the drop, when the test R@1 drop exceeds the gate; the folder is
 then not written. Every intermediate file goes to a temporary folder, never the working directory.
@@ -66,6 +69,7 @@ XMR_OPS = ("DeformSample", "RandomWalkGCN")
 SMOOTH_ALPHAS = (None, 0.5, 0.65, 0.8, 0.9)  # "auto": the one whose converted graph errs least on dev
 CALIBRATION_BATCHES = 32  # at most this many recorded batches per graph calibrate it (bounded memory)
 PLUGIN_ITEMS = 32  # plugin-form graphs run in the (slow) reference evaluator: score this many items
+BATCH_ROWS = 16  # dev items whose outputs alone and batched measure each graph's batch dependence
 
 
 class RecallGateError(Exception):
@@ -348,6 +352,25 @@ def output_error(want: Feeds, got: Feeds) -> float:
     return worst
 
 
+def batch_dependence(run, spec: ModelSpec, feeds: Feeds, rows: int = BATCH_ROWS) -> float:
+    """Largest |difference| between the outputs of the first `rows` items of `feeds` run as one batch and
+    run one by one: 0 (or float rounding) for a graph that is a function of each item alone. Dynamic INT8
+    is not: it scales each activation by the range of the whole batch, so an item's result depends on its
+    batch-mates (NaN for a graph whose inputs have no batch axis)."""
+    if not spec.batched:
+        return float("nan")
+    n = min(rows, *(len(v) for v in feeds.values()))
+    first = {k: v[:n] for k, v in feeds.items()}
+    together = run(first)
+    worst = 0.0
+    for i in range(n):
+        alone = run({k: v[i : i + 1] for k, v in first.items()})
+        for name, value in alone.items():
+            if np.issubdtype(value.dtype, np.floating):
+                worst = max(worst, float(np.abs(value[0] - together[name][i]).max(initial=0.0)))
+    return worst
+
+
 def gate_drop(task: ArtifactTask, reference: dict, candidate: dict) -> float:
     """The largest drop (points) of the gate metrics from `reference` to `candidate`."""
     return max(reference[m] - candidate[m] for m in task.gate)
@@ -491,6 +514,13 @@ def optimize(artifact: Path, out: Path, cfg: OptimizeConfig) -> dict:
         }
         steps.update()
         drop = gate_drop(task, metrics["onnx_fp32"], metrics[cfg.precision])
+        dependence = {
+            g: {
+                "onnx_fp32": batch_dependence(lambda f, g=g: opt.fp32(g, f), task.specs[g], feeds),
+                cfg.precision: batch_dependence(optimised[g].run, task.specs[g], feeds),
+            }
+            for g, feeds in opt.dev_feeds.items()
+        }
         report = {
             "precision": cfg.precision,
             "settings": asdict(cfg),
@@ -507,6 +537,7 @@ def optimize(artifact: Path, out: Path, cfg: OptimizeConfig) -> dict:
             "split": f"{test.name}/{test.split}",
             "n_items": len(test),
             "parity_vs_pytorch": backends.stats.stats,
+            "batch_dependence": dependence,
             "metrics": metrics,
         }
         if drop > cfg.max_recall_drop:

@@ -19,6 +19,7 @@ from xmr.export.manifest import read_manifest, verify_artifacts
 from xmr.export.optimize import (
     OptimizeConfig,
     RecallGateError,
+    batch_dependence,
     output_error,
     pad_to_common_shape,
 )
@@ -117,6 +118,34 @@ def test_the_manifest_records_the_search(optimised):
         assert errors[str(choice["alpha"])] == min(errors.values())
     assert manifests["fp16"]["optimization"]["smoothing"]["text_encoder"] == {"alpha": None}
     assert json.dumps(report)  # plain JSON
+
+
+def test_the_manifest_records_each_graphs_batch_dependence(optimised):
+    """An item's outputs batched vs alone: FP32 and static Q/DQ are functions of each item; dynamic INT8's
+    per-batch activation scales make the text tower's answer depend on its batch-mates."""
+    _, manifests = optimised
+    for precision, manifest in manifests.items():
+        dependence = manifest["optimization"]["batch_dependence"]
+        assert set(dependence) == {"text_encoder", "image_encoder"}
+        assert all(d["onnx_fp32"] < 1e-5 for d in dependence.values())
+        assert all(precision in d for d in dependence.values())
+    assert manifests["int8"]["optimization"]["batch_dependence"]["text_encoder"]["int8"] > 1e-4
+    assert all(
+        d["int8-qdq"] < 1e-4 for d in manifests["int8-qdq"]["optimization"]["batch_dependence"].values()
+    )
+
+
+def test_batch_dependence_tells_a_per_item_function_from_a_per_batch_one():
+    spec = ModelSpec.from_dict({
+        "name": "g",
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 3]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 3]}],
+    })  # fmt: skip
+    feeds = {"x": np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)}
+    per_item = lambda f: {"y": f["x"] / np.abs(f["x"]).max(axis=1, keepdims=True)}  # noqa: E731
+    per_batch = lambda f: {"y": f["x"] / np.abs(f["x"]).max()}  # noqa: E731
+    assert batch_dependence(per_item, spec, feeds) == 0.0
+    assert batch_dependence(per_batch, spec, feeds) > 0.1
 
 
 def test_a_zero_gate_searches_for_nodes_to_keep_and_names_the_drop(tiny_artifacts, tmp_path):
