@@ -17,6 +17,10 @@ Two backends answer the same real test-split captions with the same top-k, side 
 Around every perf_analyzer point the server's own statistics (Triton's statistics extension, read with
 `xmr.clients.stats`) are diffed: the time per request in each hop (queue, compute input / infer / output,
 the ensemble's total, the scheduler between steps) is printed and written to OUT/text_search_hops.csv.
+The CPU each process used during a point is recorded beside it, in cores (CPU seconds over wall
+seconds): for served points `tritonserver`, its python-backend stubs and perf_analyzer, for in-process
+points this Python process (`CpuProbe`), so a ratio below 1 can be split into the server's own work, the
+client's, and idle cores.
 `--model` measures another served model with text_search's I/O (e.g. the three-hop ensemble form that
 `xmr.export.repository.add_ensemble_form` adds beside the one-hop model), `--shared-memory system` /
 `--streaming` other perf_analyzer transports.

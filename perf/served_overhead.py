@@ -1,9 +1,10 @@
 """Which serving design closes the gap to the in-process pipeline: the same benchmark on repository variants.
 
 Every variant is a copy of one built cpu repository (whose `text_search` is the one-hop python model
-`TextSearchModel`) with its `config.pbtxt` files edited (dynamic batching delay, instance counts) and/or the
-three-hop ensemble (the gpu target's form, `repository.add_ensemble_form`) in place of `text_search`, or a
-perf_analyzer transport (system shared memory, gRPC streaming). Each variant is
+`TextSearchModel`) with its `config.pbtxt` files edited (dynamic batching delay, instance counts, ONNX
+Runtime threads per instance) and/or the three-hop ensemble (the gpu target's form,
+`repository.add_ensemble_form`) in place of `text_search`, or a perf_analyzer transport or mode (system
+shared memory, gRPC streaming, `--async`). Each variant is
 measured by `bench_text_search.measure` (its own served run, then the in-process pipeline right after), so
 each ratio comes from one run; the per-hop server breakdown of every point is kept.
 
