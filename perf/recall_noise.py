@@ -78,7 +78,7 @@ def text_groups(texts: list[str]) -> np.ndarray:
 
 
 def batchings(captions: list[str], seeds: int) -> dict[str, tuple[list[int], int]]:
-    """name -> (the caption indices to embed, in order, with repeats allowed; captions per call)."""
+    """name -> (the caption indices to embed, in order; captions per call). Distinct texts: each text once."""
     distinct = sorted(set(text_groups(captions).tolist()))  # each text's first caption
     out = {"as evaluated: 512 consecutive captions per call": (list(range(len(captions))), 512)}
     out["each distinct text once, 512 per call"] = (distinct, 512)
