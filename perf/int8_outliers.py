@@ -163,7 +163,10 @@ def per_token_int8(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def batch_dependence(runner: OnnxRunner, feeds: dict) -> float:
-    """Largest |difference| between each caption's vector embedded with its batch and embedded alone."""
+    """Largest |difference| between each caption's vector embedded with its batch and embedded alone, the
+    lone caption without padding (as a single served query arrives). `xmr.export.optimize.batch_dependence`
+    measures the same for any graph but keeps each item's padding, which dynamic INT8's per-batch range
+    also sees; the two are kept apart so that this table's figures stay what they measured."""
     together = runner.run(feeds)["text_embedding"]
     alone = [
         runner.run({"input_ids": feeds["input_ids"][i : i + 1, : feeds["lengths"][i]],
@@ -174,7 +177,8 @@ def batch_dependence(runner: OnnxRunner, feeds: dict) -> float:
 
 
 def op_times(path: Path, feeds: dict, threads: int, runs: int = 10) -> dict[str, float]:
-    """ms per run spent in each op type (ONNX Runtime's profiler, after 3 warm-up runs), largest first."""
+    """ms per run spent in each op type, largest first: ONNX Runtime's profiler records from the session's
+    start, so the average is over all 3 + `runs` runs, the 3 warm-up runs included."""
     import json
 
     import onnxruntime as ort
