@@ -232,6 +232,11 @@ class Calibration(str, Enum):
     percentile = "percentile"
 
 
+class Activations(str, Enum):
+    per_token = "per-token"
+    per_tensor = "per-tensor"
+
+
 @app.command()
 def optimize(
     artifact: Path,
@@ -248,6 +253,13 @@ def optimize(
     smooth: str = typer.Option(
         "auto", help="int8 forms: SmoothQuant alpha in [0, 1], auto (least dev error) or off"
     ),
+    activations: Activations = typer.Option(
+        Activations.per_token,
+        help="int8: input scales per token (batch-independent) or per tensor (ONNX Runtime quantize_dynamic)",
+    ),
+    outliers: int = typer.Option(
+        0, min=0, help="int8 per-token: channels per input with the largest range multiplied in FP32 instead"
+    ),
 ):
     """FP16 / INT8 graphs of an exported artifact; nodes that cost recall stay FP32; exit 1 past the gate."""
     from xmr.export.manifest import read_manifest
@@ -261,6 +273,8 @@ def optimize(
         max_recall_drop=max_recall_drop,
         dev_items=dev_items,
         smooth=smooth,
+        activations=activations.value,
+        outliers=outliers,
     )
     try:
         manifest = run_optimize(artifact, out, cfg)
@@ -489,6 +503,8 @@ def _print_optimization(report: dict, model: str) -> None:
     alphas = {g: c["alpha"] for g, c in report.get("smoothing", {}).items() if c["alpha"] is not None}
     if alphas:
         console.print(f"SmoothQuant alpha: {alphas}")
+    for graph, counts in report.get("fusions", {}).items():
+        console.print(f"{graph}: fused " + ", ".join(f"{n} x{k}" for n, k in counts.items()))
     kept = {g: len(nodes) for g, nodes in report["kept_fp32"].items()}
     console.print(f"nodes kept in FP32: {kept} of {report['candidates']} candidates")
     precision = report["precision"]

@@ -6,8 +6,13 @@ and `xmr serve` take it as they are) and returns its manifest. The precisions, e
 converter:
 - `fp16`: ONNX Runtime's float16 converter (`onnxruntime.transformers.float16`), FP32 inputs and outputs
   kept, for GPU targets (TensorRT, CUDA). Parity is still measured on the CPU, in ONNX Runtime.
-- `int8`: ONNX Runtime's dynamic quantization (`quantize_dynamic`): per-channel INT8 weights and
-  integer MatMul/Gemm, activations quantized per batch at run time. The fast form on a CPU.
+- `int8`: the form for ONNX Runtime on a CPU (`xmr.export.ort_int8`): the graph's attention, residual +
+  LayerNorm and bias + GELU fused into ONNX Runtime's contrib ops by onnxscript's ONNX Runtime rewriter,
+  then every MatMul with a constant weight as an integer product with per-channel INT8 weights and its
+  input quantized per token at run time (`activations="per-token"`; each token's scale is its own, so an
+  item's result does not depend on its batch-mates). `activations="per-tensor"` uses ONNX Runtime's
+  dynamic quantization (`quantize_dynamic`) instead: one scale per input over the whole batch. Plugin-form
+  graphs (run by ONNX's reference evaluator) are not fused and get the standard-op form of the products.
 - `int8-qdq`: ONNX Runtime's static quantization in the explicit QuantizeLinear/DequantizeLinear form
   (`quantize_static`, QDQ, symmetric INT8 weights per channel and activations per tensor, the form
   TensorRT builds INT8 engines from), calibrated on `calibration` training items (`method`: minmax,
@@ -30,8 +35,9 @@ and lose the sub-voxel positions), and the TensorRT plugins choose their own FP1
 
 The new manifest records, in `optimization`: the precision and converter settings, the nodes kept in
 FP32, the dev search's steps, each graph's batch dependence (`batch_dependence`: how far an item's outputs
-move between running in a batch of dev items and running alone; dynamic INT8 scales activations by the
-range of the whole batch, so its results depend on the batch-mates, FP32's and static Q/DQ's do not), and
+move between running in a batch of dev items and running alone; per-tensor dynamic INT8 scales
+activations by the range of the whole batch, so its results depend on the batch-mates, FP32's, per-token
+INT8's and static Q/DQ's do not), the fusions made (`fusions`), and
 on the test split the optimised graphs' max abs error and min cosine
 against PyTorch and their task metrics beside the FP32 ONNX graphs' and PyTorch's. `optimize` raises
 `RecallGateError`, naming the gate and the drop, when the test R@1 drop exceeds the gate; the folder is
@@ -54,6 +60,7 @@ from tqdm.auto import tqdm
 
 from xmr.export.iospec import ModelSpec
 from xmr.export.manifest import Manifest, file_facts, read_manifest, verify_artifacts, versions
+from xmr.export.ort_int8 import fuse_for_ort, int8_matmuls, outlier_channels, per_token_int8
 from xmr.export.parity import BackendParity
 from xmr.export.runners import Feeds, runner_for
 from xmr.export.scoring import ArtifactTask, Run, run_of
@@ -63,6 +70,7 @@ from xmr.models.ops.onnx_domain import register_schemas
 
 PRECISIONS = ("fp16", "int8", "int8-qdq")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+ACTIVATION_SCALES = ("per-token", "per-tensor")  # int8: see xmr.export.ort_int8
 # the op types each precision converts (candidates for the search); everything else stays as exported
 INT8_OPS = {"int8": ("MatMul", "Gemm"), "int8-qdq": ("MatMul", "Gemm", "Conv")}
 XMR_OPS = ("DeformSample", "RandomWalkGCN")
@@ -90,6 +98,10 @@ class OptimizeConfig:
     dev_items: int = 500  # val items (images, videos) the node search scores on
     threads: int = 0  # ONNX Runtime threads (0: one per core)
     smooth: str = "auto"  # int8 forms: SmoothQuant alpha, "auto" (chosen on dev inputs) or "off"
+    activations: str = (
+        "per-token"  # int8: activation scales per token (ours) or per tensor (quantize_dynamic)
+    )
+    outliers: int = 0  # int8 per-token: channels of each input with the largest calibrated range kept FP32
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -100,6 +112,12 @@ class OptimizeConfig:
             raise InputError(f"--calibration {self.calibration}: expected at least 1 training item")
         if self.max_recall_drop < 0:
             raise InputError(f"--max-recall-drop {self.max_recall_drop}: expected a drop >= 0 points")
+        if self.activations not in ACTIVATION_SCALES:
+            raise InputError(f"--activations {self.activations!r}; valid: {', '.join(ACTIVATION_SCALES)}")
+        if self.outliers < 0 or (self.outliers and self.activations != "per-token"):
+            raise InputError(
+                f"--outliers {self.outliers}: expected a channel count >= 0, with --activations per-token"
+            )
         if self.smooth not in ("auto", "off"):
             try:
                 alpha = float(self.smooth)
@@ -192,8 +210,11 @@ class GraphConverter:
     """
 
     def __init__(self, source: Path, spec: ModelSpec, precision: str, work: Path, calibration: list[Feeds],
-                 method: str):  # fmt: skip
+                 method: str, activations: str = "per-token", portable: bool = False,
+                 outliers: int = 0):  # fmt: skip
         self.spec, self.precision, self.work, self.method = spec, precision, work, method
+        self.activations, self.portable, self.outliers = activations, portable, outliers
+        self.outlier_cache: dict[Path, dict[str, np.ndarray]] = {}
         self.prepared = work / f"{spec.name}.prepared.onnx"
         if precision == "fp16":
             shutil.copy2(source, self.prepared)
@@ -204,6 +225,10 @@ class GraphConverter:
                 quant_pre_process(source, self.prepared, skip_optimization=True, skip_symbolic_shape=True)
         self.calibration = calibration
         self.base, self.alpha, self.absmax = self.prepared, None, None
+        self.fusion_counts: dict[Path, dict[str, int]] = {}  # per fused graph: the fusions onnxscript made
+        if precision == "int8":  # the MatMuls the CPU form converts, named as in its fused graph
+            self.candidates = [n.name for n in int8_matmuls(onnx.load(self.fused()))]
+            return
         graph = onnx.load(self.prepared).graph
         ops = INT8_OPS.get(precision)
         self.candidates = [
@@ -235,6 +260,38 @@ class GraphConverter:
         if not self.base.is_file():
             onnx.save(smooth(model, self.absmax, alpha), self.base)
 
+    def fused(self) -> Path:
+        """The int8 form's starting graph: the base graph with ONNX Runtime's transformer fusions
+        (`xmr.export.ort_int8.fuse_for_ort`), or the base graph itself for a portable (plugin-form) graph,
+        which must stay runnable by ONNX's reference evaluator."""
+        if self.portable:
+            return self.base
+        path = self.work / f"{self.spec.name}.{'plain' if self.alpha is None else self.alpha}.fused.onnx"
+        if not path.is_file():
+            self.fusion_counts[path] = fuse_for_ort(self.base, path)
+        return path
+
+    def outlier_channels(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+        """The `outliers` channels of each INT8 product's input with the largest max |x| over the
+        calibration inputs, in the current starting graph `model` (computed once per graph)."""
+        from xmr.export.smoothquant import activation_absmax
+
+        source = self.fused()
+        if source not in self.outlier_cache:
+            if not self.calibration:
+                raise InputError(f"no calibration inputs were recorded for {self.spec.name}")
+            names = sorted({n.input[0] for n in int8_matmuls(model)})
+            absmax = activation_absmax(source, names, self.calibration)
+            self.outlier_cache[source] = outlier_channels(absmax, self.outliers)
+        return self.outlier_cache[source]
+
+    @property
+    def fusions(self) -> dict[str, int]:
+        """The fusions made in the int8 form's current starting graph (none for other precisions)."""
+        if self.precision != "int8" or self.portable:
+            return {}
+        return self.fusion_counts.get(self.fused(), {})
+
     def convert(self, path: Path, keep: set[str] = frozenset(), only: set[str] | None = None) -> Path:
         """Write the converted graph to `path`: every candidate except `keep`, or only the nodes `only`."""
         keep = set(self.candidates) - set(only) if only is not None else set(keep)
@@ -259,10 +316,15 @@ class GraphConverter:
         onnx.save(tidied(model), path)
 
     def _int8(self, path: Path, keep: set[str]) -> None:
+        if self.activations == "per-token":
+            model = onnx.load(self.fused())
+            outliers = self.outlier_channels(model) if self.outliers else None
+            onnx.save(per_token_int8(model, keep, not self.portable, outliers), path)
+            return
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(
-            self.base,
+            self.fused(),
             path,
             op_types_to_quantize=list(INT8_OPS["int8"]),
             per_channel=True,
@@ -385,14 +447,22 @@ class Optimizer:
         self.items = PLUGIN_ITEMS if self.form == "plugin" else None
         self.fp32 = run_of(self.runners({g: artifact / f"{g}.onnx" for g in task.specs}))
         calibration = {}
-        if cfg.precision == "int8-qdq" or cfg.alphas() != [None]:
+        if cfg.precision == "int8-qdq" or cfg.alphas() != [None] or cfg.outliers:
             recorder = Recorder(self.fp32, limit=CALIBRATION_BATCHES)
             task.score(recorder, task.split("train", cfg.calibration))
             calibration = recorder.feeds
         self.converters = {
             g: GraphConverter(
-                artifact / f"{g}.onnx", spec, cfg.precision, work, calibration.get(g, []), cfg.method
-            )
+                artifact / f"{g}.onnx",
+                spec,
+                cfg.precision,
+                work,
+                calibration.get(g, []),
+                cfg.method,
+                cfg.activations,
+                portable=self.form == "plugin",
+                outliers=cfg.outliers,
+            )  # fmt: skip
             for g, spec in tqdm(task.specs.items(), desc="prepare", leave=False, disable=None)
         }
         self.dev = task.split("val", min(cfg.dev_items, self.items or cfg.dev_items))
@@ -524,8 +594,9 @@ def optimize(artifact: Path, out: Path, cfg: OptimizeConfig) -> dict:
         report = {
             "precision": cfg.precision,
             "settings": asdict(cfg),
-            "converter": CONVERTERS[cfg.precision],
+            "converter": converter_name(cfg),
             "smoothing": opt.smoothing,
+            "fusions": {g: c.fusions for g, c in opt.converters.items() if c.fusions},
             "source": str(artifact),
             "kept_fp32": {g: sorted(n for gg, n in keep if gg == g) for g in task.specs},
             "candidates": {g: len(c.candidates) for g, c in opt.converters.items()},
@@ -575,9 +646,18 @@ def optimize(artifact: Path, out: Path, cfg: OptimizeConfig) -> dict:
     return new.to_dict()
 
 
-CONVERTERS = {
-    "fp16": "onnxruntime.transformers.float16.convert_float_to_float16 (keep_io_types)",
-    "int8": "onnxruntime.quantization.quantize_dynamic (per-channel QInt8 weights, MatMul/Gemm)",
-    "int8-qdq": "onnxruntime.quantization.quantize_static (QDQ, symmetric QInt8, per-channel weights, "
-    "MatMul/Gemm/Conv)",
-}
+def converter_name(cfg: OptimizeConfig) -> str:
+    """What made the graphs, as the manifest records it."""
+    if cfg.precision == "fp16":
+        return "onnxruntime.transformers.float16.convert_float_to_float16 (keep_io_types)"
+    if cfg.precision == "int8-qdq":
+        return (
+            "onnxruntime.quantization.quantize_static (QDQ, symmetric QInt8, per-channel weights, "
+            "MatMul/Gemm/Conv)"
+        )
+    fusions = "onnxscript.rewriter.ort_fusions (attention, SkipLayerNorm, BiasGelu), then "
+    if cfg.activations == "per-token":
+        outliers = f", {cfg.outliers} outlier channels per input in FP32" if cfg.outliers else ""
+        inputs = f"per-token UINT8 inputs{outliers}"
+        return fusions + f"xmr.export.ort_int8.per_token_int8 (per-channel INT8 weights, {inputs})"
+    return fusions + "onnxruntime.quantization.quantize_dynamic (per-channel QInt8 weights, MatMul/Gemm)"

@@ -1,16 +1,17 @@
-"""The speed / recall frontier of dynamic INT8 on one artifact: how many nodes must stay FP32, at what cost.
+"""The speed / recall frontier of CPU INT8 on one artifact: how many nodes must stay FP32, at what cost.
 
     python -m xmr.perf.int8_frontier artifacts/rvse-minilm --out perf/figures
 
-`xmr optimize --precision int8` keeps the fewest FP32 nodes that pass the gate on the dev split. This script
-shows the whole curve behind that choice, for the text tower (the image tower stays as `xmr optimize`
-converts it): with SmoothQuant off and at the alpha `xmr optimize` would choose, the text tower's MatMul/Gemm
-nodes are ranked by the error each causes alone on dev inputs (the search's ranking), and for
-k = 0, 3, 6, ... the top k are kept in FP32. Each point records the dev and test R@1 drop of both directions
-against the FP32 graphs, the text embedding's mean error (1 - mean cosine against FP32 on dev inputs), and
-the text tower's throughput at batch 64 on real test captions relative to FP32 (`--threads` intra-op
-threads): FP32 and the variant run alternately, `--repeats` times each after warm-up, and the ratio of
-their median times is reported, so that other load on the machine weighs on both alike.
+`xmr optimize --precision int8` (with `--activations` as given here: per-token by default) keeps the fewest
+FP32 nodes that pass the gate on the dev split. This script shows the whole curve behind that choice, for
+the text tower (the image tower stays as `xmr optimize` converts it): with SmoothQuant off and at the alpha
+`xmr optimize` would choose, the text tower's MatMul/Gemm nodes are ranked by the error each causes alone
+on dev inputs (the search's ranking), and for each k of `--ks` the top k are kept in FP32. Each point
+records the dev and test R@1 drop of both directions against the FP32 graphs, the text embedding's mean
+error (1 - mean cosine against FP32 on dev inputs), and the text tower's throughput at batch 64 on real
+test captions relative to FP32 (`--threads` intra-op threads): FP32 and the variant run alternately,
+`--repeats` times each after warm-up, and the ratio of their median times is reported, so that other load
+on the machine weighs on both alike.
 
 Writes `int8_frontier.csv`, `int8_frontier.md` (the README table, with the machine) and `int8_frontier.png`.
 """
@@ -48,7 +49,9 @@ def paired_speedup(fp32: OnnxRunner, variant: OnnxRunner, feeds: dict, repeats: 
     return statistics.median(times[0]) / statistics.median(times[1])
 
 
-def frontier(artifact: Path, ks: list[int], threads: int, repeats: int, dev_items: int) -> list[dict]:
+def frontier(
+    artifact: Path, ks: list[int], threads: int, repeats: int, dev_items: int, activations: str = "per-token"
+) -> list[dict]:
     manifest = read_manifest(artifact)
     task = ArtifactTask.of(manifest)
     test = task.split("test")
@@ -57,7 +60,9 @@ def frontier(artifact: Path, ks: list[int], threads: int, repeats: int, dev_item
     rows = []
     for smooth in ("off", "auto"):
         with tempfile.TemporaryDirectory(prefix="xmr-frontier-") as work:
-            cfg = OptimizeConfig("int8", dev_items=dev_items, smooth=smooth, threads=threads)
+            cfg = OptimizeConfig(
+                "int8", dev_items=dev_items, smooth=smooth, threads=threads, activations=activations
+            )
             opt = Optimizer(artifact, manifest, task, cfg, Path(work))
             test_fp32 = task.score(opt.fp32, test)
             ranking = [(g, n) for _, g, n in opt.sensitivity() if g == TOWER]
@@ -69,6 +74,7 @@ def frontier(artifact: Path, ks: list[int], threads: int, repeats: int, dev_item
                 runner = OnnxRunner(paths[TOWER], task.specs[TOWER], threads)
                 rows.append({
                     "artifact": artifact.name,
+                    "activations": activations,
                     "smoothquant_alpha": opt.smoothing[TOWER]["alpha"],
                     "kept_fp32": k,
                     "candidates": len(ranking),
@@ -140,12 +146,13 @@ def main() -> None:
     )
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--out", type=Path, default=Path("perf/results/int8_frontier"))
-    parser.add_argument("--ks", type=int, nargs="+", default=[0, 3, 6, 9, 12, 18, 24, 36])
+    parser.add_argument("--ks", type=int, nargs="+", default=[0, 2, 4, 6, 9, 12, 18, 24])
+    parser.add_argument("--activations", choices=("per-token", "per-tensor"), default="per-token")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dev-items", type=int, default=1000)
     args = parser.parse_args()
-    rows = frontier(args.artifact, args.ks, args.threads, args.repeats, args.dev_items)
+    rows = frontier(args.artifact, args.ks, args.threads, args.repeats, args.dev_items, args.activations)
     write(rows, args.out, args.threads)
     print(f"wrote {args.out}/int8_frontier.{{csv,md,png}}")
 

@@ -1,25 +1,30 @@
-"""Where dynamic INT8 loses the MiniLM text tower's accuracy: the first token's outlier activations.
+"""Where INT8 loses the MiniLM text tower's accuracy and its time: outlier tokens and unfused attention.
 
     python -m xmr.perf.int8_outliers artifacts/rvse-minilm --out perf/figures
 
-ONNX Runtime's dynamic INT8 (`xmr optimize --precision int8`) quantizes each MatMul's input with one scale
-per tensor, computed from the whole batch. This script measures, for the text tower:
+ONNX Runtime's dynamic INT8 (`xmr optimize --precision int8 --activations per-tensor`) quantizes each
+MatMul's input with one scale per tensor, computed from the whole batch. This script measures, for the
+text tower:
 
 1. the range that scale must cover at every MatMul reading a (batch, tokens, channels) activation, over
    64 dev captions: the largest |value| over all tokens, and over all tokens but the first ([CLS]);
-2. three versions of the tower on the same inputs: FP32, dynamic INT8 as `xmr optimize` converts it
-   (per-channel weights, SmoothQuant off, no node kept), and dynamic INT8 with the first token's rows of
-   every such MatMul split off and computed in FP32 (Slice -> FP32 MatMul for token 0, INT8 MatMul for the
-   rest -> Concat), so the per-tensor scale no longer has to cover the outlier token (the idea of
-   "PrefixQuant: Eliminating Outliers by Prefixed Tokens for Large Language Models Quantization", applied
-   here to an encoder's [CLS] token). For each: the text embedding's error against FP32 (1 - mean cosine,
-   dev captions), the test split's R@1 drop in both directions against FP32 (image tower FP32), and the
-   throughput at batch 64 relative to FP32, timed alternately with FP32 (`--repeats` each) so that load
-   on the machine weighs on both.
+2. six versions of the tower on the same inputs, none with SmoothQuant or nodes kept in FP32: FP32; FP32
+   with onnxscript's ONNX Runtime fusions (attention, residual + LayerNorm, bias + GELU:
+   `xmr.export.ort_int8.fuse_for_ort`); dynamic INT8 (per-channel weights, per-tensor inputs); dynamic
+   INT8 with the first token's rows of every such MatMul split off and computed in FP32 (Slice -> FP32
+   MatMul for token 0, INT8 MatMul for the rest -> Concat), so the per-tensor scale no longer has to cover
+   the outlier token (the idea of "PrefixQuant: Eliminating Outliers by Prefixed Tokens for Large Language
+   Models Quantization", applied here to an encoder's [CLS] token); INT8 with per-token input scales
+   (`xmr.export.ort_int8.per_token_int8`); and the same on the fused graph, which is what
+   `xmr optimize --precision int8` makes before SmoothQuant and its search. For each: the text embedding's
+   error against FP32 (1 - mean cosine, dev captions), the test split's R@1 drop in both directions against
+   FP32 (image tower FP32), the throughput at batch 64 relative to FP32, timed alternately with FP32
+   (`--repeats` each) so that load on the machine weighs on both, the batch dependence and the time per
+   op type (ONNX Runtime's profiler).
 
-Writes `int8_outliers.csv` (the variants), `int8_outliers_ranges.csv` (per MatMul input) and
-`int8_outliers.md` (the README's table, with the machine). Nothing here is a product feature: the split
-graph is an experiment, kept as a script so that its figures can be re-checked.
+Writes `int8_outliers.csv` (the variants), `int8_outliers_ranges.csv` (per MatMul input),
+`int8_outliers_ops.csv` (per variant and op type) and `int8_outliers.md` (the README's table, with the
+machine). The split graph is an experiment, kept as a script so that its figures can be re-checked.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from xmr.export.manifest import read_manifest
+from xmr.export.ort_int8 import fuse_for_ort, per_token_int8
 from xmr.export.runners import OnnxRunner
 from xmr.export.scoring import ArtifactTask, embed_images, embed_texts, run_of
 from xmr.models.evaluate.retrieval import retrieval_metrics
@@ -85,81 +91,6 @@ def split_first_token(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str
     del g.node[:]
     g.node.extend(nodes)
     return model, kept
-
-
-def per_token_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Every token MatMul `Y = X W` with INT8 weights (symmetric, per output channel) and its input
-    quantized per token at run time: each row of X (one token's channels) gets its own scale, its largest
-    |x| / 127, as UINT8 around a zero point of 128. The product runs in ONNX Runtime's fused integer kernel
-    (`com.microsoft.MatMulIntegerToFloat`: INT8 GEMM, then the row scale x column scale, in one pass).
-    One token's scale no longer depends on the other tokens, nor on the other captions of the batch. The
-    quantization of an input is shared by every MatMul reading it (Q, K and V)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    consts = {"pt_axis1": np.array([1], np.int64), "pt_inv127": np.array(1 / 127, np.float32),
-              "pt_tiny": np.array(1e-12, np.float32), "pt_zero_point": np.array(128, np.uint8)}  # fmt: skip
-    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
-    targets = {n.name for n in token_matmuls(model)}
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    row_max = (  # ReduceMax takes its axes as an input from opset 18, as an attribute before
-        (lambda a, y: helper.make_node("ReduceMax", [a, "pt_axis1"], [y], keepdims=0))
-        if opset >= 18
-        else (lambda a, y: helper.make_node("ReduceMax", [a], [y], axes=[1], keepdims=0))
-    )
-    nodes, quantized = [], set()
-    for n in g.node:
-        if n.name not in targets:
-            nodes.append(n)
-            continue
-        x, p = n.input[0], n.name
-        w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)  # (K, N)
-        k, cols = w.shape
-        if x not in quantized:  # (B, T, K) -> (B*T, K) rows, a scale per row
-            g.initializer.append(numpy_helper.from_array(np.array([-1, k], np.int64), f"{x}/pt_rows_shape"))
-            nodes += [
-                helper.make_node("Reshape", [x, f"{x}/pt_rows_shape"], [f"{x}/pt_rows"]),
-                helper.make_node("Abs", [f"{x}/pt_rows"], [f"{x}/pt_abs"]),
-                row_max(f"{x}/pt_abs", f"{x}/pt_max"),
-                helper.make_node("Mul", [f"{x}/pt_max", "pt_inv127"], [f"{x}/pt_s"]),
-                helper.make_node("Max", [f"{x}/pt_s", "pt_tiny"], [f"{x}/pt_scale"]),  # an all-zero row
-                helper.make_node("Shape", [f"{x}/pt_scale"], [f"{x}/pt_n"]),
-                helper.make_node(
-                    "ConstantOfShape",
-                    [f"{x}/pt_n"],
-                    [f"{x}/pt_zp"],
-                    value=numpy_helper.from_array(np.array([128], np.uint8)),
-                ),  # fmt: skip
-                helper.make_node(
-                    "QuantizeLinear", [f"{x}/pt_rows", f"{x}/pt_scale", f"{x}/pt_zp"], [f"{x}/pt_q"], axis=0
-                ),  # fmt: skip
-                helper.make_node("Unsqueeze", [f"{x}/pt_scale", "pt_axis1"], [f"{x}/pt_row_scale"]),
-                helper.make_node("Shape", [x], [f"{x}/pt_lead"], end=-1),
-            ]
-            quantized.add(x)
-        scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127  # per output channel
-        g.initializer.extend([
-            numpy_helper.from_array(np.clip(np.round(w / scale), -127, 127).astype(np.int8), f"{p}/pt_w"),
-            numpy_helper.from_array(scale.astype(np.float32), f"{p}/pt_w_scale"),
-            numpy_helper.from_array(np.array([cols], np.int64), f"{p}/pt_cols"),
-        ])  # fmt: skip
-        inputs = [f"{x}/pt_q", f"{p}/pt_w", f"{x}/pt_row_scale", f"{p}/pt_w_scale", "pt_zero_point"]
-        # the bias stays the graph's own Add: given one, ONNX Runtime 1.32's CPU kernel adds it before the
-        # multiplication by a per-row A scale, not after (measured with an (M, 1) scale)
-        nodes += [
-            helper.make_node("MatMulIntegerToFloat", inputs, [f"{p}/pt_y"], domain="com.microsoft", name=p),
-            helper.make_node("Concat", [f"{x}/pt_lead", f"{p}/pt_cols"], [f"{p}/pt_shape"], axis=0),
-            helper.make_node("Reshape", [f"{p}/pt_y", f"{p}/pt_shape"], [n.output[0]]),
-        ]
-    del g.node[:]
-    g.node.extend(nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    used = {i for node in g.node for i in node.input}
-    kept = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    return model
 
 
 def batch_dependence(runner: OnnxRunner, feeds: dict) -> float:
@@ -254,11 +185,15 @@ def measure(
         split, kept = split_first_token(onnx.load(fp32_path))
         onnx.save(split, tmp / "split.onnx")
         onnx.save(per_token_int8(onnx.load(fp32_path)), tmp / "per_token.onnx")
+        fuse_for_ort(fp32_path, tmp / "fused.onnx")
+        onnx.save(per_token_int8(onnx.load(tmp / "fused.onnx")), tmp / "fused_per_token.onnx")
         variants = {
             "FP32": fp32_path,
+            "FP32, attention fused": tmp / "fused.onnx",
             "dynamic INT8": quantize(fp32_path, tmp / "int8.onnx", []),
             "dynamic INT8, first token FP32": quantize(tmp / "split.onnx", tmp / "split_int8.onnx", kept),
             "INT8, per-token scales": tmp / "per_token.onnx",
+            "INT8, per-token scales, attention fused": tmp / "fused_per_token.onnx",
         }
         runners = {k: OnnxRunner(p, spec, threads) for k, p in variants.items()}
 

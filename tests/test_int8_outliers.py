@@ -1,5 +1,6 @@
 """The first-token split of `python -m xmr.perf.int8_outliers`: the same function in FP32, and after
-dynamic INT8 the first token's rows come from an FP32 MatMul (exact), the rest from the quantized one."""
+dynamic INT8 the first token's rows come from an FP32 MatMul (exact), the rest from the quantized one; and
+per-token INT8 against dynamic INT8 on an outlier token."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from xmr.perf.int8_outliers import per_token_int8, quantize, split_first_token, token_matmuls
+from xmr.export.ort_int8 import per_token_int8
+from xmr.perf.int8_outliers import quantize, split_first_token, token_matmuls
 
 
 def two_matmuls(c: int = 16) -> onnx.ModelProto:

@@ -241,3 +241,38 @@ def test_the_served_tokenizer_and_tower_answer_as_pytorch(minilm_run, minilm_art
     want = embed_texts(model, tok, texts)
     error, agree = search_fresh_server(minilm_artifact, tmp_path / "repository", texts, want, k=5)
     assert error < 1e-4 and agree.all()
+
+
+def test_cpu_int8_form_fuses_attention_and_quantizes_every_projection(minilm_run, minilm_artifact, tmp_path):
+    """`xmr optimize --precision int8`'s two steps on the real tower: onnxscript's fusions make one
+    MultiHeadAttention per layer and change nothing numerically; the per-token INT8 graph then converts
+    Q, K, V, the output projection and both feed-forward MatMuls of every layer, stays close to FP32, and
+    embeds a caption alone exactly as in a padded batch."""
+    import onnx
+    import onnxruntime as ort
+
+    from xmr.export.ort_int8 import fuse_for_ort, int8_matmuls, per_token_int8
+    from xmr.models.checkpoint import load_run
+
+    model, tok, _ = load_run(minilm_run)
+    layers = model.text.encoder.config.num_hidden_layers
+    source = minilm_artifact / "text_encoder.onnx"
+    counts = fuse_for_ort(source, tmp_path / "fused.onnx")
+    fused = onnx.load(tmp_path / "fused.onnx")
+    ops = [n.op_type for n in fused.graph.node]
+    assert counts["sdpa"] == layers and ops.count("MultiHeadAttention") == layers
+    assert ops.count("SkipLayerNormalization") >= 2 * layers and ops.count("BiasGelu") == layers
+    assert len(int8_matmuls(fused)) == 6 * layers + 1  # Q, K, V, output, FFN in, FFN out; the projection
+    onnx.save(per_token_int8(fused), tmp_path / "int8.onnx")
+
+    texts = (TEXTS * 4)[:12]
+    ids, lengths = encode_batch(tok, texts, TextLimits(max_tokens=model.cfg.max_tokens))
+    paths = {"fp32": source, "fused": tmp_path / "fused.onnx", "int8": tmp_path / "int8.onnx"}
+    run = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    out = {k: s.run(None, {"input_ids": ids, "lengths": lengths})[0] for k, s in run.items()}
+    assert np.abs(out["fused"] - out["fp32"]).max() < 1e-5
+    assert (out["int8"] * out["fp32"]).sum(1).min() > 0.98
+    for i in (0, 3):  # alone, without the batch's padding
+        n = lengths[i]
+        alone = run["int8"].run(None, {"input_ids": ids[i : i + 1, :n], "lengths": lengths[i : i + 1]})[0]
+        assert np.abs(alone[0] - out["int8"][i]).max() < 1e-5

@@ -37,18 +37,21 @@ def op_types(path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def optimised(tiny_artifacts, tmp_path_factory):
-    """Each precision of the tiny artifact, written from an empty working directory that must stay empty."""
+    """Each precision of the tiny artifact (and int8 with ONNX Runtime's per-tensor dynamic quantization, and
+    with 2 outlier channels per input), written from an empty working directory that must stay empty."""
     root = tmp_path_factory.mktemp("optimised")
     cwd = tmp_path_factory.mktemp("cwd")
     before = os.getcwd()
     os.chdir(cwd)
     try:
-        out = {
-            p: run_optimize(
-                tiny_artifacts, root / p, OptimizeConfig(p, calibration=32, method=m, dev_items=64)
-            )
-            for p, m in (("fp16", "minmax"), ("int8", "minmax"), ("int8-qdq", "percentile"))
+        configs = {
+            "fp16": OptimizeConfig("fp16", dev_items=64),
+            "int8": OptimizeConfig("int8", calibration=32, dev_items=64),
+            "int8-per-tensor": OptimizeConfig("int8", calibration=32, activations="per-tensor", dev_items=64),
+            "int8-outliers": OptimizeConfig("int8", calibration=32, outliers=2, dev_items=64),
+            "int8-qdq": OptimizeConfig("int8-qdq", calibration=32, method="percentile", dev_items=64),
         }
+        out = {name: run_optimize(tiny_artifacts, root / name, cfg) for name, cfg in configs.items()}
     finally:
         os.chdir(before)
     assert list(cwd.iterdir()) == []  # no temporary model or data file left where the command ran
@@ -58,12 +61,13 @@ def optimised(tiny_artifacts, tmp_path_factory):
 def test_every_precision_writes_a_complete_verified_artifact(optimised, tiny_artifacts):
     root, manifests = optimised
     source = read_manifest(tiny_artifacts)
-    for precision, manifest in manifests.items():
-        folder = root / precision
+    for name, manifest in manifests.items():
+        folder = root / name
         verify_artifacts(folder, read_manifest(folder))
         assert set(manifest["files"]) == set(source["files"])
         report = manifest["optimization"]
-        assert report["precision"] == precision
+        precision = report["precision"]
+        assert name.startswith(precision)
         assert set(report["metrics"]) == {"pytorch", "onnx_fp32", precision}
         assert report["metrics"]["pytorch"]["rsum"] == pytest.approx(report["metrics"]["onnx_fp32"]["rsum"])
         assert report["gate"]["test_drop"] <= report["gate"]["max_drop"]
@@ -78,10 +82,30 @@ def test_every_precision_writes_a_complete_verified_artifact(optimised, tiny_art
 
 
 def test_the_graphs_are_converted(optimised):
-    root, _ = optimised
+    root, manifests = optimised
     text = onnx.load(root / "fp16" / "text_encoder.onnx")
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in text.graph.initializer)
-    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= op_types(root / "int8" / "text_encoder.onnx")
+    # int8: per-token INT8 products in ONNX Runtime's integer kernel, every candidate not kept converted
+    text = onnx.load(root / "int8" / "text_encoder.onnx")
+    products = [n for n in text.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    report = manifests["int8"]["optimization"]
+    kept = len(report["kept_fp32"]["text_encoder"])
+    assert len(products) + kept == report["candidates"]["text_encoder"] and products
+    assert "DynamicQuantizeLinear" not in {n.op_type for n in text.graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= op_types(
+        root / "int8-per-tensor" / "text_encoder.onnx"
+    )
+    assert "per_token_int8" in manifests["int8"]["optimization"]["converter"]
+    assert "quantize_dynamic" in manifests["int8-per-tensor"]["optimization"]["converter"]
+    # --outliers 2: each converted product has an FP32 product of 2 channels beside it
+    assert "2 outlier channels" in manifests["int8-outliers"]["optimization"]["converter"]
+    text = onnx.load(root / "int8-outliers" / "text_encoder.onnx")
+    inits = {i.name: i.dims for i in text.graph.initializer}
+    fp32_parts = [
+        n for n in text.graph.node if n.op_type == "MatMul" and n.input[1].endswith("/pt_w_outliers")
+    ]
+    integer = [n for n in text.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fp32_parts) == len(integer) > 0 and all(inits[n.input[1]][0] == 2 for n in fp32_parts)
     qdq = onnx.load(root / "int8-qdq" / "image_encoder.onnx")
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in qdq.graph.node}
     # symmetric INT8, the only form TensorRT takes: every zero point is 0
@@ -121,15 +145,18 @@ def test_the_manifest_records_the_search(optimised):
 
 
 def test_the_manifest_records_each_graphs_batch_dependence(optimised):
-    """An item's outputs batched vs alone: FP32 and static Q/DQ are functions of each item; dynamic INT8's
-    per-batch activation scales make the text tower's answer depend on its batch-mates."""
+    """An item's outputs batched vs alone: FP32, per-token INT8 and static Q/DQ are functions of each item;
+    per-tensor dynamic INT8's per-batch activation scales make the text tower's answer depend on its
+    batch-mates."""
     _, manifests = optimised
-    for precision, manifest in manifests.items():
+    for manifest in manifests.values():
+        precision = manifest["optimization"]["precision"]
         dependence = manifest["optimization"]["batch_dependence"]
         assert set(dependence) == {"text_encoder", "image_encoder"}
         assert all(d["onnx_fp32"] < 1e-5 for d in dependence.values())
         assert all(precision in d for d in dependence.values())
-    assert manifests["int8"]["optimization"]["batch_dependence"]["text_encoder"]["int8"] > 1e-4
+    assert manifests["int8-per-tensor"]["optimization"]["batch_dependence"]["text_encoder"]["int8"] > 1e-4
+    assert all(d["int8"] < 1e-5 for d in manifests["int8"]["optimization"]["batch_dependence"].values())
     assert all(
         d["int8-qdq"] < 1e-4 for d in manifests["int8-qdq"]["optimization"]["batch_dependence"].values()
     )
@@ -184,6 +211,9 @@ def test_bad_settings_name_the_option():
         (OptimizeConfig("int8", calibration=0), "--calibration"),
         (OptimizeConfig("int8", smooth="1.5"), "--smooth"),
         (OptimizeConfig("int8", smooth="strong"), "--smooth"),
+        (OptimizeConfig("int8", activations="per-channel"), "--activations"),
+        (OptimizeConfig("int8", outliers=-1), "--outliers"),
+        (OptimizeConfig("int8", activations="per-tensor", outliers=4), "--outliers"),
     ):
         with pytest.raises(InputError, match=option):
             cfg.check()
@@ -220,6 +250,10 @@ def test_cli_optimize_prints_the_tables_and_rejects_bad_input(optimised, tiny_ar
     runner = CliRunner()
     result = runner.invoke(app, ["optimize", str(tiny_artifacts), "--precision", "int4", "--out", "x"])
     assert result.exit_code == 2 and "int4" in result.output
+    for option, value in (("--activations", "per-channel"), ("--outliers", "-1")):
+        args = ["optimize", str(tiny_artifacts), "--precision", "int8", option, value, "--out", "x"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and option in result.output, result.output
     result = runner.invoke(
         app, ["optimize", str(root / "int8"), "--precision", "fp16", "--out", str(tmp_path / "x")]
     )
