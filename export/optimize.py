@@ -98,9 +98,7 @@ class OptimizeConfig:
     dev_items: int = 500  # val items (images, videos) the node search scores on
     threads: int = 0  # ONNX Runtime threads (0: one per core)
     smooth: str = "auto"  # int8 forms: SmoothQuant alpha, "auto" (chosen on dev inputs) or "off"
-    activations: str = (
-        "per-token"  # int8: activation scales per token (ours) or per tensor (quantize_dynamic)
-    )
+    activations: str = "per-token"  # int8: input scales per token (ours) or per tensor (quantize_dynamic)
     outliers: int = 0  # int8 per-token: channels of each input with the largest calibrated range kept FP32
 
     def check(self) -> None:
@@ -462,7 +460,7 @@ class Optimizer:
                 cfg.activations,
                 portable=self.form == "plugin",
                 outliers=cfg.outliers,
-            )  # fmt: skip
+            )
             for g, spec in tqdm(task.specs.items(), desc="prepare", leave=False, disable=None)
         }
         self.dev = task.split("val", min(cfg.dev_items, self.items or cfg.dev_items))
@@ -655,7 +653,7 @@ def converter_name(cfg: OptimizeConfig) -> str:
             "onnxruntime.quantization.quantize_static (QDQ, symmetric QInt8, per-channel weights, "
             "MatMul/Gemm/Conv)"
         )
-    fusions = "onnxscript.rewriter.ort_fusions (attention, SkipLayerNorm, BiasGelu), then "
+    fusions = "onnxscript.rewriter.ort_fusions on standard-form graphs (attention, SkipLayerNorm, BiasGelu), "
     if cfg.activations == "per-token":
         outliers = f", {cfg.outliers} outlier channels per input in FP32" if cfg.outliers else ""
         inputs = f"per-token UINT8 inputs{outliers}"

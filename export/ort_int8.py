@@ -22,7 +22,7 @@
    (`com.microsoft.MatMulIntegerToFloat`: INT8 GEMM, then row scale x column scale in one pass).
 
 On the MiniLM tower at batch 64 (2 threads; `python -m xmr.perf.int8_outliers`, whose table the README
-shows), the fusions alone make FP32 about 1.1x faster, and the per-token INT8 graph is about 1.9x FP32.
+shows), the fusions alone make FP32 about 1.2x faster, and the per-token INT8 graph is about 1.9x FP32.
 
 Why per-token and not ONNX Runtime's `quantize_dynamic` (kept as `--activations per-tensor`): dynamic
 quantization gives each MatMul input one scale, computed over the whole batch at run time. A few tokens
@@ -30,7 +30,7 @@ quantization gives each MatMul input one scale, computed over the whole batch at
 most of the INT8 range on them, and since the scale depends on the batch, a caption's embedding depends on
 which captions were batched with it (a served query's answer would depend on its batch-mates; identical
 captions in different batches get different vectors). Per-token scales remove both: on the MiniLM tower
-the text embedding's error against FP32 falls from 8.7e-3 to 2.8e-3 (1 - mean cosine) and the batch
+the text embedding's error against FP32 falls from 8.6e-3 to 2.9e-3 (1 - mean cosine) and the batch
 dependence to float rounding, for about a tenth of the speed (the per-row absmax pass). The idea is the
 token-wise activation quantization of "ZeroQuant: Efficient and Affordable Post-Training Quantization for
 Large-Scale Transformers" (Yao et al.), written as plain ONNX ops around ONNX Runtime's integer kernel;
@@ -43,8 +43,8 @@ mixed-precision decomposition of "LLM.int8(): 8-bit Matrix Multiplication for Tr
 multiplied in FP32 by their weight rows and added to the INT8 product of the other channels (whose weight
 columns' scales then no longer cover those rows either). Reconstructed: the paper picks outlier columns per
 batch by a magnitude threshold (6.0); we fix K channels per input from calibration, since a graph's
-shapes and kernels are fixed at export. On MiniLM, K = 4 cut the embedding error about 2.5x but cost a
-fifth of the speed (a gather, a small FP32 MatMul and an add per product).
+shapes and kernels are fixed at export. It costs a gather, a small FP32 MatMul and an add per product: on
+the default text tower about a fifth of the INT8 speed (`python -m xmr.perf.precision`).
 
 ONNX Runtime detail that shapes the graph: `MatMulIntegerToFloat`'s schema documents a per-tensor or
 per-column scale for A; we pass an (M, 1) per-row scale, which its CPU kernel broadcasts as a per-row

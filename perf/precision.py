@@ -184,14 +184,14 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["artifact"], r["tower"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for ax, (artifact, tower) in zip(axes[0], panels, strict=True):
         sel = [r for r in rows if (r["artifact"], r["tower"], r["batch"]) == (artifact, tower, 64)]
         names = [r["variant"] for r in sel]
         ax.bar(names, [r.get("items_per_s", 0) for r in sel], color="tab:blue")
         ax.set_title(f"{artifact} / {tower}", fontsize=9)
         ax.set_ylabel("items/s at batch 64")
-        ax.tick_params(axis="x", labelrotation=35, labelsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
         twin = ax.twinx()
         twin.plot(names, [r["R@1_drop"] for r in sel], "o", color="tab:red")
         twin.set_ylabel("R@1 drop (points)", color="tab:red")

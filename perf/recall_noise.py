@@ -22,9 +22,10 @@ caption counts as rank 1 for every image it describes; any error that differs be
 tie and takes the hit from all but one image. Image-to-text R@1, the best of an image's five captions
 against all 5,000, is where that shows. Every level is drawn `--seeds` times (mean and standard deviation).
 
-Then the same question for a real INT8 tower, whose errors are not random: the text tower converted as
-`xmr optimize --precision int8` converts it with nothing kept in FP32 (ONNX Runtime's dynamic quantization,
-per-channel INT8 weights, no SmoothQuant), the same test captions embedded under different batchings: as the
+Then the same question for a real INT8 tower, whose errors are not random: the text tower converted by ONNX
+Runtime's dynamic quantization with nothing kept in FP32 (`quantize_dynamic`: per-channel INT8 weights,
+per-tensor inputs, no SmoothQuant, no fusion; `xmr optimize --precision int8 --activations per-tensor`
+makes this form after fusing the attention), the same test captions embedded under different batchings: as the
 gate embeds them (512 consecutive captions per call), each distinct text once (512 per call), shuffled into
 calls of 64 (`--seeds` shuffles), and one caption per call (what a lone query gets). Dynamic INT8 scales each
 activation by the range of the whole call, so a caption's vector depends on the captions it is batched with;
