@@ -232,6 +232,11 @@ class Calibration(str, Enum):
     percentile = "percentile"
 
 
+class Rounding(str, Enum):
+    nearest = "nearest"
+    gptq = "gptq"
+
+
 class Activations(str, Enum):
     per_token = "per-token"
     per_tensor = "per-tensor"
@@ -260,6 +265,9 @@ def optimize(
     outliers: int = typer.Option(
         0, min=0, help="int8 per-token: channels per input with the largest range multiplied in FP32 instead"
     ),
+    rounding: Rounding = typer.Option(
+        Rounding.nearest, help="int8 per-token weights: round to nearest, or GPTQ on the calibration inputs"
+    ),
 ):
     """FP16 / INT8 graphs of an exported artifact; nodes that cost recall stay FP32; exit 1 past the gate."""
     from xmr.export.manifest import read_manifest
@@ -275,6 +283,7 @@ def optimize(
         smooth=smooth,
         activations=activations.value,
         outliers=outliers,
+        rounding=rounding.value,
     )
     try:
         manifest = run_optimize(artifact, out, cfg)

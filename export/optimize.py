@@ -100,6 +100,7 @@ class OptimizeConfig:
     smooth: str = "auto"  # int8 forms: SmoothQuant alpha, "auto" (chosen on dev inputs) or "off"
     activations: str = "per-token"  # int8: input scales per token (ours) or per tensor (quantize_dynamic)
     outliers: int = 0  # int8 per-token: channels of each input with the largest calibrated range kept FP32
+    rounding: str = "nearest"  # int8 per-token weights: round to nearest, or GPTQ on calibration inputs
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -115,6 +116,13 @@ class OptimizeConfig:
         if self.outliers < 0 or (self.outliers and self.activations != "per-token"):
             raise InputError(
                 f"--outliers {self.outliers}: expected a channel count >= 0, with --activations per-token"
+            )
+        if self.rounding not in ("nearest", "gptq") or (
+            self.rounding == "gptq" and (self.activations != "per-token" or self.outliers)
+        ):
+            raise InputError(
+                f"--rounding {self.rounding!r}: expected nearest or gptq (gptq with --activations per-token "
+                "and no --outliers)"
             )
         if self.smooth not in ("auto", "off"):
             try:
@@ -209,10 +217,12 @@ class GraphConverter:
 
     def __init__(self, source: Path, spec: ModelSpec, precision: str, work: Path, calibration: list[Feeds],
                  method: str, activations: str = "per-token", portable: bool = False,
-                 outliers: int = 0):  # fmt: skip
+                 outliers: int = 0, rounding: str = "nearest"):  # fmt: skip
         self.spec, self.precision, self.work, self.method = spec, precision, work, method
         self.activations, self.portable, self.outliers = activations, portable, outliers
+        self.rounding = rounding
         self.outlier_cache: dict[Path, dict[str, np.ndarray]] = {}
+        self.rounded_cache: dict[Path, dict[str, np.ndarray]] = {}
         self.prepared = work / f"{spec.name}.prepared.onnx"
         if precision == "fp16":
             shutil.copy2(source, self.prepared)
@@ -283,6 +293,26 @@ class GraphConverter:
             self.outlier_cache[source] = outlier_channels(absmax, self.outliers)
         return self.outlier_cache[source]
 
+    def gptq_weights(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+        """Every converted MatMul's weight rounded by GPTQ on the calibration inputs of the current
+        starting graph `model` (`xmr.export.ort_int8.gptq_round`; computed once per graph)."""
+        from onnx import numpy_helper
+
+        from xmr.export.ort_int8 import gptq_round, input_hessians
+
+        source = self.fused()
+        if source not in self.rounded_cache:
+            if not self.calibration:
+                raise InputError(f"no calibration inputs were recorded for {self.spec.name}")
+            nodes = [n for n in int8_matmuls(model) if n.op_type == "MatMul"]
+            hessians = input_hessians(source, nodes, self.calibration)
+            inits = {i.name: i for i in model.graph.initializer}
+            self.rounded_cache[source] = {
+                n.name: gptq_round(numpy_helper.to_array(inits[n.input[1]]), hessians[n.name])
+                for n in tqdm(nodes, desc=f"GPTQ {self.spec.name}", leave=False, disable=None)
+            }
+        return self.rounded_cache[source]
+
     @property
     def fusions(self) -> dict[str, int]:
         """The fusions made in the int8 form's current starting graph (none for other precisions)."""
@@ -317,7 +347,8 @@ class GraphConverter:
         if self.activations == "per-token":
             model = onnx.load(self.fused())
             outliers = self.outlier_channels(model) if self.outliers else None
-            onnx.save(per_token_int8(model, keep, not self.portable, outliers), path)
+            rounded = self.gptq_weights(model) if self.rounding == "gptq" else None
+            onnx.save(per_token_int8(model, keep, not self.portable, outliers, rounded), path)
             return
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -445,7 +476,7 @@ class Optimizer:
         self.items = PLUGIN_ITEMS if self.form == "plugin" else None
         self.fp32 = run_of(self.runners({g: artifact / f"{g}.onnx" for g in task.specs}))
         calibration = {}
-        if cfg.precision == "int8-qdq" or cfg.alphas() != [None] or cfg.outliers:
+        if cfg.precision == "int8-qdq" or cfg.alphas() != [None] or cfg.outliers or cfg.rounding == "gptq":
             recorder = Recorder(self.fp32, limit=CALIBRATION_BATCHES)
             task.score(recorder, task.split("train", cfg.calibration))
             calibration = recorder.feeds
@@ -460,6 +491,7 @@ class Optimizer:
                 cfg.activations,
                 portable=self.form == "plugin",
                 outliers=cfg.outliers,
+                rounding=cfg.rounding,
             )
             for g, spec in tqdm(task.specs.items(), desc="prepare", leave=False, disable=None)
         }
@@ -656,6 +688,7 @@ def converter_name(cfg: OptimizeConfig) -> str:
     fusions = "onnxscript.rewriter.ort_fusions on standard-form graphs (attention, SkipLayerNorm, BiasGelu), "
     if cfg.activations == "per-token":
         outliers = f", {cfg.outliers} outlier channels per input in FP32" if cfg.outliers else ""
-        inputs = f"per-token UINT8 inputs{outliers}"
+        gptq = ", GPTQ-rounded weights" if cfg.rounding == "gptq" else ""
+        inputs = f"per-token UINT8 inputs{outliers}{gptq}"
         return fusions + f"xmr.export.ort_int8.per_token_int8 (per-channel INT8 weights, {inputs})"
     return fusions + "onnxruntime.quantization.quantize_dynamic (per-channel QInt8 weights, MatMul/Gemm)"

@@ -40,6 +40,7 @@ VARIANTS = {  # name -> `xmr optimize` settings; a gate of 100 points switches t
     "int8": {"precision": "int8"},
     "int8 (no search)": {"precision": "int8", "max_recall_drop": 100.0},
     "int8, 4 outlier channels": {"precision": "int8", "outliers": 4},
+    "int8, GPTQ": {"precision": "int8", "rounding": "gptq"},
     "int8-qdq": {"precision": "int8-qdq"},
     "int8-qdq (no search)": {"precision": "int8-qdq", "max_recall_drop": 100.0},
     "fp16": {"precision": "fp16"},
@@ -74,10 +75,10 @@ def time_runner(runner: OnnxRunner, feeds: dict[str, np.ndarray], repeats: int) 
     return statistics.median(times)
 
 
-def variants_of(artifact: Path, work: Path) -> dict[str, dict]:
+def variants_of(artifact: Path, work: Path, variants: dict[str, dict] = VARIANTS) -> dict[str, dict]:
     """{variant: {"folder", "report"}} with FP32 first; a variant that fails its gate keeps its report."""
     out = {"fp32": {"folder": artifact, "report": None}}
-    for name, settings in VARIANTS.items():
+    for name, settings in variants.items():
         folder = work / "".join(c if c.isalnum() or c == "-" else "_" for c in name)
         cfg = OptimizeConfig(**settings)
         start = time.perf_counter()
@@ -91,7 +92,9 @@ def variants_of(artifact: Path, work: Path) -> dict[str, dict]:
     return out
 
 
-def measure(artifacts: list[Path], out: Path, threads: int, repeats: int) -> list[dict]:
+def measure(
+    artifacts: list[Path], out: Path, threads: int, repeats: int, variants: dict[str, dict] = VARIANTS
+) -> list[dict]:
     rows = []
     for artifact in artifacts:
         manifest = read_manifest(artifact)
@@ -100,9 +103,9 @@ def measure(artifacts: list[Path], out: Path, threads: int, repeats: int) -> lis
         task = ArtifactTask.of(manifest)
         inputs = {(tower, batch): tower_inputs(task, tower, batch) for tower in TOWERS for batch in BATCHES}
         with tempfile.TemporaryDirectory(prefix="xmr-precision-") as work:
-            variants = variants_of(artifact, Path(work))
-            fp32_metrics = next(v["report"] for v in variants.values() if v["report"])["metrics"]["onnx_fp32"]
-            for name, v in variants.items():
+            made = variants_of(artifact, Path(work), variants)
+            fp32_metrics = next(v["report"] for v in made.values() if v["report"])["metrics"]["onnx_fp32"]
+            for name, v in made.items():
                 report = v["report"]
                 metrics = report["metrics"][report["precision"]] if report else fp32_metrics
                 for tower in TOWERS:
@@ -205,8 +208,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("perf/results/precision"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="the variants to make"
+    )
     args = parser.parse_args()
-    rows = measure(args.artifacts, args.out, args.threads, args.repeats)
+    chosen = {name: VARIANTS[name] for name in args.variants}
+    rows = measure(args.artifacts, args.out, args.threads, args.repeats, chosen)
     write(rows, args.out, args.threads)
     print(f"wrote {args.out}/precision.{{csv,md,png}}")
 

@@ -37,8 +37,9 @@ def op_types(path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def optimised(tiny_artifacts, tmp_path_factory):
-    """Each precision of the tiny artifact (and int8 with ONNX Runtime's per-tensor dynamic quantization, and
-    with 2 outlier channels per input), written from an empty working directory that must stay empty."""
+    """Each precision of the tiny artifact (and int8 with ONNX Runtime's per-tensor dynamic quantization,
+    with 2 outlier channels per input, and with GPTQ-rounded weights), written from an empty working
+    directory that must stay empty."""
     root = tmp_path_factory.mktemp("optimised")
     cwd = tmp_path_factory.mktemp("cwd")
     before = os.getcwd()
@@ -50,6 +51,7 @@ def optimised(tiny_artifacts, tmp_path_factory):
             # the two other int8 forms without the SmoothQuant sweep (the "int8" entry covers it): cheaper
             "int8-per-tensor": OptimizeConfig("int8", activations="per-tensor", smooth="off", dev_items=64),
             "int8-outliers": OptimizeConfig("int8", calibration=32, outliers=2, smooth="off", dev_items=64),
+            "int8-gptq": OptimizeConfig("int8", calibration=32, rounding="gptq", smooth="off", dev_items=64),
             "int8-qdq": OptimizeConfig("int8-qdq", calibration=32, method="percentile", dev_items=64),
         }
         out = {name: run_optimize(tiny_artifacts, root / name, cfg) for name, cfg in configs.items()}
@@ -98,6 +100,7 @@ def test_the_graphs_are_converted(optimised):
     )
     assert "per_token_int8" in manifests["int8"]["optimization"]["converter"]
     assert "quantize_dynamic" in manifests["int8-per-tensor"]["optimization"]["converter"]
+    assert "GPTQ-rounded weights" in manifests["int8-gptq"]["optimization"]["converter"]
     # --outliers 2: each converted product has an FP32 product of 2 channels beside it
     assert "2 outlier channels" in manifests["int8-outliers"]["optimization"]["converter"]
     text = onnx.load(root / "int8-outliers" / "text_encoder.onnx")
@@ -215,6 +218,8 @@ def test_bad_settings_name_the_option():
         (OptimizeConfig("int8", activations="per-channel"), "--activations"),
         (OptimizeConfig("int8", outliers=-1), "--outliers"),
         (OptimizeConfig("int8", activations="per-tensor", outliers=4), "--outliers"),
+        (OptimizeConfig("int8", rounding="stochastic"), "--rounding"),
+        (OptimizeConfig("int8", activations="per-tensor", rounding="gptq"), "--rounding"),
     ):
         with pytest.raises(InputError, match=option):
             cfg.check()

@@ -13,6 +13,7 @@ from xmr.export.ort_int8 import (
     QMAX,
     ZERO_POINT,
     fuse_for_ort,
+    gptq_round,
     int8_matmuls,
     outlier_channels,
     per_token_int8,
@@ -144,3 +145,32 @@ def test_converted_graph_passes_the_checker(contrib):
     register_schemas()
     model = per_token_int8(graph(), contrib=contrib)
     onnx.checker.check_model(model, full_check=True)
+
+
+def test_gptq_rounds_to_the_same_grid_and_moves_the_product_less():
+    rng = np.random.default_rng(3)
+    mix = rng.standard_normal((16, 16))
+    x = rng.standard_normal((512, 16)) @ mix  # correlated inputs: where GPTQ's compensation pays
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    scale = np.abs(w).max(axis=0) / QMAX
+    nearest = np.clip(np.round(w / scale), -QMAX, QMAX) * scale
+    rounded = gptq_round(w, x.T @ x)
+    steps = rounded / scale
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)  # on the per-column INT8 grid
+    assert np.abs(steps).max() <= QMAX + 1e-3
+    assert np.linalg.norm(x @ (rounded - w)) < 0.8 * np.linalg.norm(x @ (nearest - w))
+    # uncorrelated inputs: nothing to compensate, so GPTQ rounds to nearest
+    np.testing.assert_allclose(gptq_round(w, np.eye(16) * 512), nearest, atol=1e-6)
+
+
+def test_rounded_weights_replace_the_nearest_rounding():
+    x, z = inputs()
+    scale = np.abs(W1).max(axis=0) / QMAX
+    shifted = (np.clip(np.round(W1 / scale), -QMAX, QMAX) + 1 * (np.arange(8)[:, None] == 0)) * scale
+    got = run(per_token_int8(graph(), rounded={"mm": shifted.astype(np.float32)}), x, z)
+    plain = run(per_token_int8(graph()), x, z)
+    # row 0 of the weight moved one step: the product moves by x[..., 0] * scale (x[..., 0] as quantized,
+    # within half a step of its token's scale), nothing else
+    step = np.abs(x).max(axis=-1, keepdims=True) / QMAX
+    assert np.all(np.abs(got["y"] - plain["y"] - x[..., :1] * scale) <= 0.51 * step * scale + 1e-6)
+    np.testing.assert_array_equal(got["g"], plain["g"])
