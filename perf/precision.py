@@ -5,13 +5,14 @@
 For each artifact (an `xmr export` folder of the image-text family), `xmr optimize` makes its `int8`,
 `int8-qdq` and `fp16` versions with the default gate (R@1 may drop 0.5 point on the test split; nodes that
 cost recall on the dev split stay FP32), plus `int8` with 4 outlier channels per input in FP32
-(`--outliers 4`), and `int8` and `int8-qdq` with the search and gate switched off (everything quantized:
-for `int8-qdq` what naive calibration does; for `int8` its speed is then measured even where the gated
-run failed). Then each tower of each variant runs in ONNX Runtime
-(`--threads` intra-op threads, ORT_ENABLE_ALL) on real test inputs at batch 1 and batch 64: median latency
-over `--repeats` runs after warm-up, and throughput (items per second). The recall columns come from the
-variant's manifest (the test split, against the FP32 graphs in the same run). FP16 runs on ONNX Runtime's CPU
-provider, which has few FP16 kernels: its speed here says nothing about a GPU; its recall does.
+(`--outliers 4`) and with GPTQ-rounded weights (`--rounding gptq`), and `int8` and `int8-qdq` with the
+search and gate switched off (everything quantized: for `int8-qdq` what naive calibration does; for `int8`
+its speed is then measured even where the gated run failed); `--variants` makes only the named ones.
+Then each tower of each variant runs in ONNX Runtime (`--threads` intra-op threads, ORT_ENABLE_ALL) on real
+test inputs at batch 1 and batch 64: median latency over `--repeats` runs after warm-up, and throughput
+(items per second). The recall columns come from the variant's manifest (the test split, against the FP32
+graphs in the same run). FP16 runs on ONNX Runtime's CPU provider, which has few FP16 kernels: its speed
+here says nothing about a GPU; its recall does.
 
 Writes `precision.csv` (one row per artifact, variant, tower, batch), `precision.md` (the README table,
 with the machine's facts) and `precision.png`. Nothing here is a test: it is a measurement anyone can rerun.
