@@ -71,6 +71,7 @@ from xmr.models.ops.onnx_domain import register_schemas
 PRECISIONS = ("fp16", "int8", "int8-qdq")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 ACTIVATION_SCALES = ("per-token", "per-tensor")  # int8: see xmr.export.ort_int8
+ROUNDINGS = ("nearest", "gptq")  # int8 per-token weights
 # the op types each precision converts (candidates for the search); everything else stays as exported
 INT8_OPS = {"int8": ("MatMul", "Gemm"), "int8-qdq": ("MatMul", "Gemm", "Conv")}
 XMR_OPS = ("DeformSample", "RandomWalkGCN")
@@ -117,7 +118,7 @@ class OptimizeConfig:
             raise InputError(
                 f"--outliers {self.outliers}: expected a channel count >= 0, with --activations per-token"
             )
-        if self.rounding not in ("nearest", "gptq") or (
+        if self.rounding not in ROUNDINGS or (
             self.rounding == "gptq" and (self.activations != "per-token" or self.outliers)
         ):
             raise InputError(
@@ -131,6 +132,14 @@ class OptimizeConfig:
                 alpha = -1.0
             if not 0.0 <= alpha <= 1.0:
                 raise InputError(f"--smooth {self.smooth!r}: expected auto, off or an alpha in [0, 1]")
+
+    def needs_calibration(self) -> bool:
+        """Whether some step calibrates on training inputs: Q/DQ ranges, SmoothQuant, outlier channels or
+        GPTQ."""
+        return (
+            self.precision == "int8-qdq" or self.alphas() != [None] or bool(self.outliers)
+            or self.rounding == "gptq"
+        )  # fmt: skip
 
     def alphas(self) -> list[float | None]:
         """The SmoothQuant strengths to try (None: no smoothing); one value means no choice to make."""
@@ -259,10 +268,8 @@ class GraphConverter:
             return
         model = onnx.load(self.prepared)
         if self.absmax is None:
-            if not self.calibration:
-                raise InputError(f"no calibration inputs were recorded for {self.spec.name}")
             names = [g.activation for g in smoothable(model)]
-            batches = pad_to_common_shape(self.calibration, self.spec)
+            batches = pad_to_common_shape(self.calibration_feeds(), self.spec)
             self.absmax = activation_absmax(self.prepared, names, batches)
         self.base = self.work / f"{self.spec.name}.smooth{alpha}.onnx"
         if not self.base.is_file():
@@ -279,39 +286,47 @@ class GraphConverter:
             self.fusion_counts[path] = fuse_for_ort(self.base, path)
         return path
 
+    def calibration_feeds(self) -> list[Feeds]:
+        """The recorded calibration inputs; InputError when there are none."""
+        if not self.calibration:
+            raise InputError(f"no calibration inputs were recorded for {self.spec.name}")
+        return self.calibration
+
+    def per_graph(self, cache: dict[Path, dict], compute) -> dict:
+        """`compute(graph path, calibration feeds)` for the int8 form's current starting graph, once."""
+        source = self.fused()
+        if source not in cache:
+            cache[source] = compute(source, self.calibration_feeds())
+        return cache[source]
+
     def outlier_channels(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         """The `outliers` channels of each INT8 product's input with the largest max |x| over the
-        calibration inputs, in the current starting graph `model` (computed once per graph)."""
+        calibration inputs, in the current starting graph `model`."""
         from xmr.export.smoothquant import activation_absmax
 
-        source = self.fused()
-        if source not in self.outlier_cache:
-            if not self.calibration:
-                raise InputError(f"no calibration inputs were recorded for {self.spec.name}")
+        def compute(source: Path, feeds: list[Feeds]) -> dict[str, np.ndarray]:
             names = sorted({n.input[0] for n in int8_matmuls(model)})
-            absmax = activation_absmax(source, names, self.calibration)
-            self.outlier_cache[source] = outlier_channels(absmax, self.outliers)
-        return self.outlier_cache[source]
+            return outlier_channels(activation_absmax(source, names, feeds), self.outliers)
+
+        return self.per_graph(self.outlier_cache, compute)
 
     def gptq_weights(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
         """Every converted MatMul's weight rounded by GPTQ on the calibration inputs of the current
-        starting graph `model` (`xmr.export.ort_int8.gptq_round`; computed once per graph)."""
+        starting graph `model` (`xmr.export.ort_int8.gptq_round`)."""
         from onnx import numpy_helper
 
         from xmr.export.ort_int8 import gptq_round, input_hessians
 
-        source = self.fused()
-        if source not in self.rounded_cache:
-            if not self.calibration:
-                raise InputError(f"no calibration inputs were recorded for {self.spec.name}")
+        def compute(source: Path, feeds: list[Feeds]) -> dict[str, np.ndarray]:
             nodes = [n for n in int8_matmuls(model) if n.op_type == "MatMul"]
-            hessians = input_hessians(source, nodes, self.calibration)
+            hessians = input_hessians(source, nodes, feeds)
             inits = {i.name: i for i in model.graph.initializer}
-            self.rounded_cache[source] = {
+            return {
                 n.name: gptq_round(numpy_helper.to_array(inits[n.input[1]]), hessians[n.name])
                 for n in tqdm(nodes, desc=f"GPTQ {self.spec.name}", leave=False, disable=None)
             }
-        return self.rounded_cache[source]
+
+        return self.per_graph(self.rounded_cache, compute)
 
     @property
     def fusions(self) -> dict[str, int]:
@@ -397,8 +412,7 @@ class GraphConverter:
             return
         from onnxruntime.quantization import create_calibrator, save_tensors_data
 
-        if not self.calibration:
-            raise InputError(f"no calibration inputs were recorded for {self.spec.name}")
+        batches = pad_to_common_shape(self.calibration_feeds(), self.spec)
         with tempfile.TemporaryDirectory(dir=self.work) as tmp:
             calibrator = create_calibrator(
                 self.base,
@@ -407,9 +421,8 @@ class GraphConverter:
                 calibrate_method=self._method(),
                 extra_options={"symmetric": True},
             )
-            batches = pad_to_common_shape(self.calibration, self.spec)
-            for feeds in tqdm(batches, desc=f"calibrate {self.spec.name}", leave=False, disable=None):
-                calibrator.collect_data(CalibrationReader([feeds]))
+            for batch in tqdm(batches, desc=f"calibrate {self.spec.name}", leave=False, disable=None):
+                calibrator.collect_data(CalibrationReader([batch]))
             save_tensors_data(calibrator.compute_data(), self.cache)
 
 
@@ -476,7 +489,7 @@ class Optimizer:
         self.items = PLUGIN_ITEMS if self.form == "plugin" else None
         self.fp32 = run_of(self.runners({g: artifact / f"{g}.onnx" for g in task.specs}))
         calibration = {}
-        if cfg.precision == "int8-qdq" or cfg.alphas() != [None] or cfg.outliers or cfg.rounding == "gptq":
+        if cfg.needs_calibration():
             recorder = Recorder(self.fp32, limit=CALIBRATION_BATCHES)
             task.score(recorder, task.split("train", cfg.calibration))
             calibration = recorder.feeds

@@ -298,22 +298,13 @@ def outlier_channels(absmax: dict[str, np.ndarray], count: int) -> dict[str, np.
 
 
 def input_hessians(path: Path, nodes: list[onnx.NodeProto], feeds: list[dict]) -> dict[str, np.ndarray]:
-    """X'X of the input of each MatMul of `nodes` (input rows over all calibration `feeds`, ONNX Runtime):
-    {node name: (K, K)}. Nodes reading one activation share its matrix."""
-    import tempfile
+    """X'X of the input of each MatMul of `nodes` (input rows over all calibration `feeds`): {node name:
+    (K, K)}. Nodes reading one activation share its matrix."""
+    from xmr.export.smoothquant import activation_values
 
-    import onnxruntime as ort
-
-    acts = sorted({n.input[0] for n in nodes})
-    model = onnx.load(path)
-    present = {o.name for o in model.graph.output}
-    model.graph.output.extend(helper.make_empty_tensor_value_info(a) for a in acts if a not in present)
-    with tempfile.TemporaryDirectory(prefix="xmr-hessians-") as tmp:
-        onnx.save(model, Path(tmp) / "hessians.onnx")
-        session = ort.InferenceSession(str(Path(tmp) / "hessians.onnx"), providers=["CPUExecutionProvider"])
     sums: dict[str, np.ndarray] = {}
-    for batch in feeds:
-        for name, x in zip(acts, session.run(acts, batch), strict=True):
+    for values in activation_values(path, sorted({n.input[0] for n in nodes}), feeds):
+        for name, x in values.items():
             rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
             sums[name] = sums.get(name, 0.0) + rows.T @ rows
     return {n.name: sums[n.input[0]] for n in nodes}

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +66,11 @@ def smoothable(model: onnx.ModelProto) -> list[Smoothable]:
     return list(groups.values())
 
 
-def activation_absmax(path: Path, activations: list[str], feeds: list[Feeds]) -> dict[str, np.ndarray]:
-    """Per-channel (last axis) max |x| of each of `activations` over the calibration `feeds` (ONNX Runtime,
-    or the reference evaluator for a graph with `xmr` nodes)."""
+def activation_values(
+    path: Path, activations: list[str], feeds: list[Feeds]
+) -> Iterator[dict[str, np.ndarray]]:
+    """For each batch of `feeds`, the values of the graph's tensors named in `activations` (ONNX Runtime, or
+    the reference evaluator for a graph with `xmr` nodes, which no stock runtime has)."""
     import onnxruntime as ort
 
     model = onnx.load(path)
@@ -76,9 +79,9 @@ def activation_absmax(path: Path, activations: list[str], feeds: list[Feeds]) ->
         if name not in outputs:
             model.graph.output.append(helper.make_empty_tensor_value_info(name))
     with tempfile.TemporaryDirectory() as tmp:
-        augmented = Path(tmp) / "absmax.onnx"
+        augmented = Path(tmp) / "activations.onnx"
         onnx.save(model, augmented)
-        if any(n.domain == "xmr" for n in model.graph.node):  # plugin form: no stock runtime has the ops
+        if any(n.domain == "xmr" for n in model.graph.node):
             from xmr.models.ops.onnx_domain import reference_evaluator
 
             session = reference_evaluator(str(augmented))
@@ -89,11 +92,16 @@ def activation_absmax(path: Path, activations: list[str], feeds: list[Feeds]) ->
         names = [o.name for o in session.get_outputs()]
     else:
         names = list(session.output_names)
-    absmax: dict[str, np.ndarray] = {}
     for batch in feeds:
         outputs = dict(zip(names, session.run(None, batch), strict=True))
-        for name in activations:
-            x = outputs[name]
+        yield {name: outputs[name] for name in activations}
+
+
+def activation_absmax(path: Path, activations: list[str], feeds: list[Feeds]) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max |x| of each of `activations` over the calibration `feeds`."""
+    absmax: dict[str, np.ndarray] = {}
+    for values in activation_values(path, activations, feeds):
+        for name, x in values.items():
             m = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
             absmax[name] = np.maximum(absmax[name], m) if name in absmax else m
     return absmax

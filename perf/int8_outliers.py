@@ -41,9 +41,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from xmr.export.manifest import read_manifest
-from xmr.export.ort_int8 import fuse_for_ort, per_token_int8
+from xmr.export.ort_int8 import fuse_for_ort, int8_matmuls, per_token_int8
 from xmr.export.runners import OnnxRunner
 from xmr.export.scoring import ArtifactTask, embed_images, embed_texts, run_of
+from xmr.export.smoothquant import activation_values
 from xmr.models.evaluate.retrieval import retrieval_metrics
 from xmr.models.tokenizer import TextLimits, encode_batch
 from xmr.perf.int8_frontier import paired_speedup
@@ -55,13 +56,8 @@ TOWER = "text_encoder"
 
 def token_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The MatMuls with a constant 2-D weight whose input is (batch, tokens, channels)."""
-    weights = {i.name for i in model.graph.initializer if len(i.dims) == 2}
     rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*model.graph.value_info, *model.graph.input]}
-    return [
-        n
-        for n in model.graph.node
-        if n.op_type == "MatMul" and n.input[1] in weights and rank.get(n.input[0]) == 3
-    ]
+    return [n for n in int8_matmuls(model) if n.op_type == "MatMul" and rank.get(n.input[0]) == 3]
 
 
 def split_first_token(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -132,26 +128,16 @@ def op_times(path: Path, feeds: dict, threads: int, runs: int = 10) -> dict[str,
 
 def activation_ranges(path: Path, feeds: dict) -> list[dict]:
     """Per token MatMul input: max |x| over every token and over every token but the first."""
-    import onnxruntime as ort
-
-    model = onnx.load(path)
-    inputs = sorted({n.input[0] for n in token_matmuls(model)})
-    model.graph.output.extend(helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None) for x in inputs)
-    with tempfile.TemporaryDirectory(prefix="xmr-outliers-") as tmp:
-        onnx.save(model, Path(tmp) / "probe.onnx")
-        outs = ort.InferenceSession(str(Path(tmp) / "probe.onnx"), providers=["CPUExecutionProvider"]).run(
-            inputs, feeds
-        )
-    rows = []
-    for name, x in zip(inputs, outs, strict=True):
-        rows.append(
-            {
-                "activation": name,
-                "absmax_all_tokens": round(float(np.abs(x).max()), 2),
-                "absmax_without_first": round(float(np.abs(x[:, 1:]).max()), 2),
-            }
-        )
-    return rows
+    inputs = sorted({n.input[0] for n in token_matmuls(onnx.load(path))})
+    (values,) = activation_values(path, inputs, [feeds])
+    return [
+        {
+            "activation": name,
+            "absmax_all_tokens": round(float(np.abs(x).max()), 2),
+            "absmax_without_first": round(float(np.abs(x[:, 1:]).max()), 2),
+        }
+        for name, x in values.items()
+    ]
 
 
 def quantize(source: Path, dest: Path, exclude: list[str]) -> Path:
