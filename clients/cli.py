@@ -249,7 +249,11 @@ def optimize(
         ..., help="fp16 (GPU targets) | int8 (ONNX Runtime integer ops, CPU) | int8-qdq (Q/DQ, for TensorRT)"
     ),
     out: Path = typer.Option(..., help="artifact folder to write"),
-    calibration: int = typer.Option(256, min=1, help="int8-qdq: training items that calibrate"),
+    calibration: int = typer.Option(
+        256,
+        min=1,
+        help="training items whose inputs calibrate (int8-qdq ranges, SmoothQuant, outliers, GPTQ)",
+    ),
     method: Calibration = typer.Option(Calibration.minmax, help="int8-qdq: calibration method"),
     max_recall_drop: float = typer.Option(
         0.5, min=0.0, help="gate: most R@1 points (R1@0.5 for moments) the test split may lose vs FP32"
@@ -266,7 +270,10 @@ def optimize(
         0, min=0, help="int8 per-token: channels per input with the largest range multiplied in FP32 instead"
     ),
     rounding: Rounding = typer.Option(
-        Rounding.nearest, help="int8 per-token weights: round to nearest, or GPTQ on the calibration inputs"
+        None,
+        help="int8 per-token weights: GPTQ on the calibration inputs (the default without --outliers) or "
+        "round to nearest",
+        show_default=False,
     ),
 ):
     """FP16 / INT8 graphs of an exported artifact; nodes that cost recall stay FP32; exit 1 past the gate."""
@@ -283,7 +290,7 @@ def optimize(
         smooth=smooth,
         activations=activations.value,
         outliers=outliers,
-        rounding=rounding.value,
+        rounding=rounding.value if rounding else None,
     )
     try:
         manifest = run_optimize(artifact, out, cfg)

@@ -10,7 +10,9 @@ converter:
   LayerNorm and bias + GELU fused into ONNX Runtime's contrib ops by onnxscript's ONNX Runtime rewriter,
   then every MatMul with a constant weight as an integer product with per-channel INT8 weights and its
   input quantized per token at run time (`activations="per-token"`; each token's scale is its own, so an
-  item's result does not depend on its batch-mates). `activations="per-tensor"` uses ONNX Runtime's
+  item's result does not depend on its batch-mates) and the weights rounded to their INT8 grid by GPTQ on
+  the calibration inputs (`rounding`; "nearest" rounds each weight alone, and is what `outliers` and
+  per-tensor activations get). `activations="per-tensor"` uses ONNX Runtime's
   dynamic quantization (`quantize_dynamic`) instead: one scale per input over the whole batch. Plugin-form
   graphs (run by ONNX's reference evaluator) are not fused and get the standard-op form of the products.
 - `int8-qdq`: ONNX Runtime's static quantization in the explicit QuantizeLinear/DequantizeLinear form
@@ -93,7 +95,7 @@ class RecallGateError(Exception):
 @dataclass
 class OptimizeConfig:
     precision: str  # a key of PRECISIONS
-    calibration: int = 256  # training items (images, videos) whose inputs calibrate int8-qdq
+    calibration: int = 256  # training items (images, videos) whose inputs calibrate: Q/DQ, SmoothQuant, GPTQ
     method: str = "minmax"  # int8-qdq calibration: minmax | entropy | percentile
     max_recall_drop: float = 0.5  # points of the gate metrics (R@1), against the FP32 graphs
     dev_items: int = 500  # val items (images, videos) the node search scores on
@@ -101,7 +103,12 @@ class OptimizeConfig:
     smooth: str = "auto"  # int8 forms: SmoothQuant alpha, "auto" (chosen on dev inputs) or "off"
     activations: str = "per-token"  # int8: input scales per token (ours) or per tensor (quantize_dynamic)
     outliers: int = 0  # int8 per-token: channels of each input with the largest calibrated range kept FP32
-    rounding: str = "nearest"  # int8 per-token weights: round to nearest, or GPTQ on calibration inputs
+    rounding: str | None = None  # int8 per-token weights: nearest or GPTQ (None: GPTQ where it applies)
+
+    def __post_init__(self) -> None:
+        if self.rounding is None:  # GPTQ needs the per-token form's own weights and every input channel
+            gptq = self.precision == "int8" and self.activations == "per-token" and not self.outliers
+            self.rounding = "gptq" if gptq else "nearest"
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:

@@ -46,11 +46,12 @@ batch by a magnitude threshold (6.0); we fix K channels per input from calibrati
 shapes and kernels are fixed at export. It costs a gather, a small FP32 MatMul and an add per product: on
 the default text tower about a fifth of the INT8 speed (`python -m xmr.perf.precision`).
 
-Weight rounding (`rounded`, `xmr optimize --rounding gptq`, off by default): `gptq_round` rounds each
-weight to the same per-column INT8 grid by GPTQ instead of to nearest, spreading each row's rounding error
-over the rows not yet rounded so that the product with the calibration inputs moves least. It changes no
-node and costs nothing at run time; on MiniLM (SmoothQuant 0.65) it took the text tower's dev error from
-1.0e-3 to 4.1e-4 (1 - mean cosine to FP32; the `xmr optimize` runs in the README).
+Weight rounding (`rounded`; `xmr optimize`'s default for this form, `--rounding nearest` skips it):
+`gptq_round` rounds each weight to the same per-column INT8 grid by GPTQ instead of to nearest, spreading
+each row's rounding error over the rows not yet rounded so that the product with the calibration inputs
+moves least. It changes no node and costs nothing at run time; on MiniLM (SmoothQuant 0.65) it took the
+text tower's dev error from 1.0e-3 to 4.1e-4 (1 - mean cosine to FP32) and the test R@1 drop from 0.9 to
+0.5 point (`python -m xmr.perf.precision`, whose table the README shows).
 
 ONNX Runtime detail that shapes the graph: `MatMulIntegerToFloat`'s schema documents a per-tensor or
 per-column scale for A; we pass an (M, 1) per-row scale, which its CPU kernel broadcasts as a per-row

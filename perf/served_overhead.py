@@ -1,10 +1,10 @@
 """Which serving design closes the gap to the in-process pipeline: the same benchmark on repository variants.
 
 Every variant is a copy of one built cpu repository (whose `text_search` is the one-hop python model
-`TextSearchModel`) with its `config.pbtxt` files edited (dynamic batching delay, instance counts, ONNX
-Runtime threads per instance) and/or the three-hop ensemble (the gpu target's form,
-`repository.add_ensemble_form`) in place of `text_search`, or a perf_analyzer transport or mode (system
-shared memory, gRPC streaming, `--async`). Each variant is
+`TextSearchModel`) with its `config.pbtxt` files edited (dynamic batching delay, preferred batch sizes
+or no dynamic batching at all, instance counts, ONNX Runtime threads per instance) and/or the three-hop
+ensemble (the gpu target's form, `repository.add_ensemble_form`) in place of `text_search`, or a
+perf_analyzer transport or mode (system shared memory, gRPC streaming, `--async`). Each variant is
 measured by `bench_text_search.measure` (its own served run, then the in-process pipeline right after), so
 each ratio comes from one run; the per-hop server breakdown of every point is kept.
 
@@ -42,10 +42,12 @@ class Variant:
     streaming: bool = False
     threads: dict = field(default_factory=dict)  # {model: ONNX Runtime intra-op threads per instance}
     asynchronous: bool = False  # perf_analyzer --async (one completion thread instead of N blocking ones)
+    preferred: tuple = ()  # dynamic batching's preferred_batch_size (rows) on every dynamically batched model
+    batching: bool = True  # False: dynamic batching removed, every request is its own execution
 
 
 VARIANTS: dict[str, Variant] = {
-    "base": Variant(),  # what `xmr repo` writes: the one-hop text_search, no queue delay, one instance
+    "base": Variant(),  # what `xmr repo` writes: one-hop text_search, no delay, SEARCH_INSTANCES instances
     "i2": Variant(instances={"text_search": 2}),
     "d100-i2": Variant(delay_us=100, instances={"text_search": 2}),
     "i2-shm": Variant(instances={"text_search": 2}, shared_memory="system"),
@@ -55,6 +57,8 @@ VARIANTS: dict[str, Variant] = {
     "i2-async": Variant(instances={"text_search": 2}, asynchronous=True),
     "i2-shm-async": Variant(instances={"text_search": 2}, shared_memory="system", asynchronous=True),
     "i2-shm-stream": Variant(instances={"text_search": 2}, shared_memory="system", streaming=True),
+    "i2-pref8": Variant(instances={"text_search": 2}, preferred=(8,)),
+    "i2-nobatch": Variant(instances={"text_search": 2}, batching=False),
     "i1-t2": Variant(instances={"text_search": 1}, threads={"text_search": 2}),
     "d500-i1-t2": Variant(delay_us=500, instances={"text_search": 1}, threads={"text_search": 2}),
     "ensemble-d500": Variant(delay_us=500, ensemble=True),  # the design before the one-hop model
@@ -75,6 +79,10 @@ def make_variant(base: Path, out: Path, v: Variant) -> Path:
         cfg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
         if v.delay_us is not None and cfg.HasField("dynamic_batching"):
             cfg.dynamic_batching.max_queue_delay_microseconds = v.delay_us
+        if v.preferred and cfg.HasField("dynamic_batching"):
+            cfg.dynamic_batching.preferred_batch_size[:] = list(v.preferred)
+        if not v.batching:
+            cfg.ClearField("dynamic_batching")
         if path.parent.name in v.instances:
             for group in cfg.instance_group:
                 group.count = v.instances[path.parent.name]

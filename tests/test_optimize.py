@@ -38,8 +38,8 @@ def op_types(path) -> set[str]:
 @pytest.fixture(scope="module")
 def optimised(tiny_artifacts, tmp_path_factory):
     """Each precision of the tiny artifact (and int8 with ONNX Runtime's per-tensor dynamic quantization,
-    with 2 outlier channels per input, and with GPTQ-rounded weights), written from an empty working
-    directory that must stay empty."""
+    with 2 outlier channels per input, and with weights rounded to nearest instead of by GPTQ), written from
+    an empty working directory that must stay empty."""
     root = tmp_path_factory.mktemp("optimised")
     cwd = tmp_path_factory.mktemp("cwd")
     before = os.getcwd()
@@ -51,7 +51,9 @@ def optimised(tiny_artifacts, tmp_path_factory):
             # the two other int8 forms without the SmoothQuant sweep (the "int8" entry covers it): cheaper
             "int8-per-tensor": OptimizeConfig("int8", activations="per-tensor", smooth="off", dev_items=64),
             "int8-outliers": OptimizeConfig("int8", calibration=32, outliers=2, smooth="off", dev_items=64),
-            "int8-gptq": OptimizeConfig("int8", calibration=32, rounding="gptq", smooth="off", dev_items=64),
+            "int8-nearest": OptimizeConfig(
+                "int8", calibration=32, rounding="nearest", smooth="off", dev_items=64
+            ),
             "int8-qdq": OptimizeConfig("int8-qdq", calibration=32, method="percentile", dev_items=64),
         }
         out = {name: run_optimize(tiny_artifacts, root / name, cfg) for name, cfg in configs.items()}
@@ -100,7 +102,11 @@ def test_the_graphs_are_converted(optimised):
     )
     assert "per_token_int8" in manifests["int8"]["optimization"]["converter"]
     assert "quantize_dynamic" in manifests["int8-per-tensor"]["optimization"]["converter"]
-    assert "GPTQ-rounded weights" in manifests["int8-gptq"]["optimization"]["converter"]
+    # GPTQ rounds the default form's weights; outliers, per-tensor and --rounding nearest round to nearest
+    assert "GPTQ-rounded weights" in manifests["int8"]["optimization"]["converter"]
+    for name in ("int8-nearest", "int8-outliers", "int8-per-tensor"):
+        assert "GPTQ" not in manifests[name]["optimization"]["converter"], name
+        assert manifests[name]["optimization"]["settings"]["rounding"] == "nearest", name
     # --outliers 2: each converted product has an FP32 product of 2 channels beside it
     assert "2 outlier channels" in manifests["int8-outliers"]["optimization"]["converter"]
     text = onnx.load(root / "int8-outliers" / "text_encoder.onnx")
@@ -223,6 +229,17 @@ def test_bad_settings_name_the_option():
     ):
         with pytest.raises(InputError, match=option):
             cfg.check()
+
+
+def test_weights_are_gptq_rounded_by_default_where_the_form_allows_it():
+    assert OptimizeConfig("int8").rounding == "gptq"
+    assert OptimizeConfig("int8", rounding="nearest").rounding == "nearest"
+    # outlier channels and per-tensor scales quantize other weights than GPTQ rounds: nearest, no error
+    for cfg in (OptimizeConfig("int8", outliers=4), OptimizeConfig("int8", activations="per-tensor")):
+        cfg.check()
+        assert cfg.rounding == "nearest"
+    assert OptimizeConfig("int8-qdq").rounding == OptimizeConfig("fp16").rounding == "nearest"
+    assert OptimizeConfig("int8").needs_calibration() and not OptimizeConfig("fp16").needs_calibration()
 
 
 def test_calibration_inputs_of_different_lengths_are_padded_to_one_shape():

@@ -40,3 +40,13 @@ def test_every_named_variant_builds_a_parsable_repository(tiny_repository, tmp_p
             config(out, path.parent.name)  # raises on a config Triton could not parse
         if variant.ensemble:
             assert config(out, "text_search").platform == "ensemble"
+
+
+def test_batching_variants_set_preferred_sizes_or_remove_the_batcher(tiny_repository, tmp_path):
+    preferred = make_variant(tiny_repository, tmp_path / "p", Variant(preferred=(8,)))
+    assert list(config(preferred, "text_search").dynamic_batching.preferred_batch_size) == [8]
+    unbatched = make_variant(tiny_repository, tmp_path / "n", Variant(batching=False))
+    for path in unbatched.glob("*/config.pbtxt"):
+        cfg = config(unbatched, path.parent.name)
+        assert not cfg.HasField("dynamic_batching")
+        assert cfg.max_batch_size == config(tiny_repository, path.parent.name).max_batch_size
