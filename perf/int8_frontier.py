@@ -2,16 +2,17 @@
 
     python -m xmr.perf.int8_frontier artifacts/rvse-minilm --out perf/figures
 
-`xmr optimize --precision int8` (with `--activations` as given here: per-token by default) keeps the fewest
-FP32 nodes that pass the gate on the dev split. This script shows the whole curve behind that choice, for
-the text tower (the image tower stays as `xmr optimize` converts it): with SmoothQuant off and at the alpha
-`xmr optimize` would choose, the text tower's MatMul/Gemm nodes are ranked by the error each causes alone
-on dev inputs (the search's ranking), and for each k of `--ks` the top k are kept in FP32. Each point
-records the dev and test R@1 drop of both directions against the FP32 graphs, the text embedding's mean
-error (1 - mean cosine against FP32 on dev inputs), and the text tower's throughput at batch 64 on real
-test captions relative to FP32 (`--threads` intra-op threads): FP32 and the variant run alternately,
-`--repeats` times each after warm-up, and the ratio of their median times is reported, so that other load
-on the machine weighs on both alike.
+`xmr optimize --precision int8` (with `--activations` and `--rounding` as given here: per-token inputs and
+GPTQ-rounded weights by default, as `xmr optimize`'s; the README's figure is `--rounding nearest`) keeps
+the fewest FP32 nodes that pass the gate on the dev split. This script shows the whole curve behind that
+choice, for the text tower (the image tower stays as `xmr optimize` converts it): with SmoothQuant off and
+at the alpha `xmr optimize` would choose, the text tower's MatMul/Gemm nodes are ranked by the error each
+causes alone on dev inputs (the search's ranking), and for each k of `--ks` the top k are kept in FP32.
+Each point records the dev and test R@1 drop of both directions against the FP32 graphs, the text
+embedding's mean error (1 - mean cosine against FP32 on dev inputs), and the text tower's throughput at
+batch 64 on real test captions relative to FP32 (`--threads` intra-op threads): FP32 and the variant run
+alternately, `--repeats` times each after warm-up, and the ratio of their median times is reported, so
+that other load on the machine weighs on both alike.
 
 Writes `int8_frontier.csv`, `int8_frontier.md` (the README table, with the machine) and `int8_frontier.png`.
 """
@@ -50,7 +51,13 @@ def paired_speedup(fp32: OnnxRunner, variant: OnnxRunner, feeds: dict, repeats: 
 
 
 def frontier(
-    artifact: Path, ks: list[int], threads: int, repeats: int, dev_items: int, activations: str = "per-token"
+    artifact: Path,
+    ks: list[int],
+    threads: int,
+    repeats: int,
+    dev_items: int,
+    activations: str = "per-token",
+    rounding: str | None = None,
 ) -> list[dict]:
     manifest = read_manifest(artifact)
     task = ArtifactTask.of(manifest)
@@ -61,7 +68,12 @@ def frontier(
     for smooth in ("off", "auto"):
         with tempfile.TemporaryDirectory(prefix="xmr-frontier-") as work:
             cfg = OptimizeConfig(
-                "int8", dev_items=dev_items, smooth=smooth, threads=threads, activations=activations
+                "int8",
+                dev_items=dev_items,
+                smooth=smooth,
+                threads=threads,
+                activations=activations,
+                rounding=rounding,
             )
             opt = Optimizer(artifact, manifest, task, cfg, Path(work))
             test_fp32 = task.score(opt.fp32, test)
@@ -75,6 +87,7 @@ def frontier(
                 rows.append({
                     "artifact": artifact.name,
                     "activations": activations,
+                    "rounding": cfg.rounding,
                     "smoothquant_alpha": opt.smoothing[TOWER]["alpha"],
                     "kept_fp32": k,
                     "candidates": len(ranking),
@@ -149,11 +162,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("perf/results/int8_frontier"))
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 2, 4, 6, 9, 12, 18, 24])
     parser.add_argument("--activations", choices=("per-token", "per-tensor"), default="per-token")
+    parser.add_argument(
+        "--rounding", choices=("gptq", "nearest"), default=None, help="default: as xmr optimize"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dev-items", type=int, default=1000)
     args = parser.parse_args()
-    rows = frontier(args.artifact, args.ks, args.threads, args.repeats, args.dev_items, args.activations)
+    rows = frontier(
+        args.artifact, args.ks, args.threads, args.repeats, args.dev_items, args.activations, args.rounding
+    )
     write(rows, args.out, args.threads)
     print(f"wrote {args.out}/int8_frontier.{{csv,md,png}}")
 
