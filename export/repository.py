@@ -62,6 +62,17 @@ under load; the one loaded point where 0 measured worse (batch 8, 16 clients: 0.
 ~20% run-to-run spread of the shared machine, while the low-load gain is not. Re-measure with
 `python -m xmr.perf.served_overhead` (its delay variants) before raising it for a throughput deployment.
 
+Preferred batch size of the cpu target's one-hop searches (`SEARCH_PREFERRED_BATCH`): 8. When an instance
+frees, Triton's dynamic batcher gives it the largest preferred batch it can form from the queue, or,
+without preferred sizes, everything queued (up to `max_batch_size`). With two instances and clients
+sending 8 captions each, that put two queued requests into one 16-row run on one instance while the other
+instance sat idle (1.4 requests per execution at 4 clients); with 8 preferred, two queued 8-caption
+requests run on both instances, while single captions are still merged, up to 8, under load. Measured
+with `python -m xmr.perf.served_overhead` (two runs): served / in-process at batch 8 with 4 clients
+0.64-0.69 without it, 0.70-0.73 with it; without dynamic batching at all 0.76-0.77, but single captions at
+16 clients then fell from 1.08 to 0.66, since none are merged. Requests of more than 8 captions are still
+merged with what is queued behind them.
+
 Targets:
 - `cpu`: every model is a python-backend model; the towers host ONNX Runtime (this is what the
   nvidia-pytriton server can run, having only the python backend); `text_search` is `TextSearchModel`.
@@ -137,6 +148,7 @@ class Served:
     onnx_on_gpu: bool = False
     specs: Mapping[str, str] = field(default_factory=dict)
     instances: int = 1  # python-model instances (stub processes): dynamic batches that can run at once
+    preferred_batch: tuple[int, ...] = ()  # dynamic batching's preferred_batch_size (see the docstring)
     module: str = "xmr.export.adapters"  # where `adapter` lives (its `model.py` shim imports it from there)
     calls: tuple[str, ...] = ()  # the served models it calls through BLS: served beside it or refused
 
@@ -166,6 +178,7 @@ def onnx_tower(artifact: str) -> Served:
 # in-process pipeline they are measured against runs concurrent callers on every core). Two is the
 # development machine's core count: raise `count` in config.pbtxt on a larger CPU.
 SEARCH_INSTANCES = 2
+SEARCH_PREFERRED_BATCH = 8  # rows: an instance takes one 8-caption request, not two (see the docstring)
 
 
 def one_hop_text_search(tower: str) -> Served:
@@ -189,6 +202,7 @@ def one_hop_text_search(tower: str) -> Served:
         dynamic_batching=True,
         specs={"text_encoder.spec.json": tower},
         instances=SEARCH_INSTANCES,
+        preferred_batch=(SEARCH_PREFERRED_BATCH,),
     )
 
 
@@ -403,6 +417,7 @@ def model_config(
     dynamic_batching: bool = False,
     max_batch: int = MAX_BATCH,
     instances: int = 1,
+    preferred_batch: Sequence[int] = (),
 ):
     pb2 = _pb2()
     if not spec.batched:  # the whole shape is the model's (ProTA's pair scorer): Triton does not batch it
@@ -421,6 +436,7 @@ def model_config(
     if dynamic_batching:  # rendered `dynamic_batching { }` when the delay is 0 (protobuf omits defaults)
         cfg.dynamic_batching.SetInParent()
         cfg.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
+        cfg.dynamic_batching.preferred_batch_size.extend(preferred_batch)
     for key, value in (parameters or {}).items():
         cfg.parameters[key].string_value = value
     return cfg
@@ -555,7 +571,11 @@ def repository_configs(
             if "model.onnx" in served.files:  # it hosts ONNX Runtime
                 check_stock_ops(name, manifest)
             configs[name] = model_config(
-                spec, parameters(served, manifest), dynamic_batching=batching, instances=served.instances
+                spec,
+                parameters(served, manifest),
+                dynamic_batching=batching,
+                instances=served.instances,
+                preferred_batch=served.preferred_batch,
             )
         elif name in engines:
             configs[name] = model_config(

@@ -42,12 +42,12 @@ class Variant:
     streaming: bool = False
     threads: dict = field(default_factory=dict)  # {model: ONNX Runtime intra-op threads per instance}
     asynchronous: bool = False  # perf_analyzer --async (one completion thread instead of N blocking ones)
-    preferred: tuple = ()  # dynamic batching's preferred_batch_size (rows) on every dynamically batched model
+    preferred: tuple | None = None  # every dynamically batched model's preferred_batch_size (rows; () none)
     batching: bool = True  # False: dynamic batching removed, every request is its own execution
 
 
 VARIANTS: dict[str, Variant] = {
-    "base": Variant(),  # what `xmr repo` writes: one-hop text_search, no delay, SEARCH_INSTANCES instances
+    "base": Variant(),  # what `xmr repo` writes: one-hop text_search, 2 instances, no delay, preferred 8
     "i2": Variant(instances={"text_search": 2}),
     "d100-i2": Variant(delay_us=100, instances={"text_search": 2}),
     "i2-shm": Variant(instances={"text_search": 2}, shared_memory="system"),
@@ -57,8 +57,11 @@ VARIANTS: dict[str, Variant] = {
     "i2-async": Variant(instances={"text_search": 2}, asynchronous=True),
     "i2-shm-async": Variant(instances={"text_search": 2}, shared_memory="system", asynchronous=True),
     "i2-shm-stream": Variant(instances={"text_search": 2}, shared_memory="system", streaming=True),
-    "i2-pref8": Variant(instances={"text_search": 2}, preferred=(8,)),
-    "i2-nobatch": Variant(instances={"text_search": 2}, batching=False),
+    # preferred sizes: when an instance frees, it takes the largest preferred batch the queue holds (base:
+    # 8, so two queued batch-8 requests go to two instances); without, everything queued, in one run
+    "no-preferred": Variant(preferred=()),
+    "pref1-8": Variant(preferred=(1, 8)),  # under 8 rows queued: one request per run
+    "nobatch": Variant(batching=False),
     "i1-t2": Variant(instances={"text_search": 1}, threads={"text_search": 2}),
     "d500-i1-t2": Variant(delay_us=500, instances={"text_search": 1}, threads={"text_search": 2}),
     "ensemble-d500": Variant(delay_us=500, ensemble=True),  # the design before the one-hop model
@@ -79,7 +82,7 @@ def make_variant(base: Path, out: Path, v: Variant) -> Path:
         cfg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
         if v.delay_us is not None and cfg.HasField("dynamic_batching"):
             cfg.dynamic_batching.max_queue_delay_microseconds = v.delay_us
-        if v.preferred and cfg.HasField("dynamic_batching"):
+        if v.preferred is not None and cfg.HasField("dynamic_batching"):
             cfg.dynamic_batching.preferred_batch_size[:] = list(v.preferred)
         if not v.batching:
             cfg.ClearField("dynamic_batching")

@@ -162,6 +162,9 @@ def test_one_hop_text_searches_run_two_instances_and_every_other_python_model_on
         if cfg.platform != "ensemble":
             want = 2 if cfg.name == "text_search" else 1
             assert [g.count for g in cfg.instance_group] == [want], cfg.name
+            # two queued 8-caption requests go to both instances, not into one 16-row run
+            preferred = [8] if cfg.name == "text_search" else []
+            assert list(cfg.dynamic_batching.preferred_batch_size) == preferred, cfg.name
 
 
 def test_one_hop_text_search_answers_as_its_three_models(tiny_repository):

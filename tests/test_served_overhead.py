@@ -43,8 +43,12 @@ def test_every_named_variant_builds_a_parsable_repository(tiny_repository, tmp_p
 
 
 def test_batching_variants_set_preferred_sizes_or_remove_the_batcher(tiny_repository, tmp_path):
-    preferred = make_variant(tiny_repository, tmp_path / "p", Variant(preferred=(8,)))
-    assert list(config(preferred, "text_search").dynamic_batching.preferred_batch_size) == [8]
+    assert list(config(tiny_repository, "text_search").dynamic_batching.preferred_batch_size) == [8]
+    preferred = make_variant(tiny_repository, tmp_path / "p", Variant(preferred=(1, 8)))
+    assert list(config(preferred, "text_search").dynamic_batching.preferred_batch_size) == [1, 8]
+    unset = make_variant(tiny_repository, tmp_path / "u", Variant(preferred=()))
+    assert not config(unset, "text_search").dynamic_batching.preferred_batch_size
+    assert config(unset, "text_search").HasField("dynamic_batching")
     unbatched = make_variant(tiny_repository, tmp_path / "n", Variant(batching=False))
     for path in unbatched.glob("*/config.pbtxt"):
         cfg = config(unbatched, path.parent.name)
