@@ -12,9 +12,9 @@ converter:
   input quantized per token at run time (`activations="per-token"`; each token's scale is its own, so an
   item's result does not depend on its batch-mates) and the weights rounded to their INT8 grid by GPTQ on
   the calibration inputs (`rounding`; "nearest" rounds each weight alone, and is what `outliers` and
-  per-tensor activations get). `activations="per-tensor"` uses ONNX Runtime's
-  dynamic quantization (`quantize_dynamic`) instead: one scale per input over the whole batch. Plugin-form
-  graphs (run by ONNX's reference evaluator) are not fused and get the standard-op form of the products.
+  per-tensor activations get). `activations="per-tensor"` uses ONNX Runtime's dynamic quantization
+  (`quantize_dynamic`) instead: one scale per input over the whole batch. Plugin-form graphs (run by
+  ONNX's reference evaluator) are not fused and get the standard-op form of the products.
 - `int8-qdq`: ONNX Runtime's static quantization in the explicit QuantizeLinear/DequantizeLinear form
   (`quantize_static`, QDQ, symmetric INT8 weights per channel and activations per tensor, the form
   TensorRT builds INT8 engines from), calibrated on `calibration` training items (`method`: minmax,

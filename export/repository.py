@@ -68,10 +68,10 @@ without preferred sizes, everything queued (up to `max_batch_size`). With two in
 sending 8 captions each, that put two queued requests into one 16-row run on one instance while the other
 instance sat idle (1.4 requests per execution at 4 clients); with 8 preferred, two queued 8-caption
 requests run on both instances, while single captions are still merged, up to 8, under load. Measured
-with `python -m xmr.perf.served_overhead` (two runs): served / in-process at batch 8 with 4 clients
-0.64-0.69 without it, 0.70-0.73 with it; without dynamic batching at all 0.76-0.77, but single captions at
-16 clients then fell from 1.08 to 0.66, since none are merged. Requests of more than 8 captions are still
-merged with what is queued behind them.
+with `python -m xmr.perf.served_overhead` (three runs): served / in-process at batch 8 with 4 clients
+0.64-0.69 without it, 0.70-0.75 with it; without dynamic batching at all 0.76-0.81, but single captions at
+16 clients then fell from 1.04-1.18 to 0.66-0.68, since none are merged. Requests of more than 8 captions
+are still merged with what is queued behind them.
 
 Targets:
 - `cpu`: every model is a python-backend model; the towers host ONNX Runtime (this is what the

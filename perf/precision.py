@@ -4,11 +4,11 @@
 
 For each artifact (an `xmr export` folder of the image-text family), `xmr optimize` makes its `int8`,
 `int8-qdq` and `fp16` versions with the default gate (R@1 may drop 0.5 point on the test split; nodes that
-cost recall on the dev split stay FP32), plus `int8` with its weights rounded to nearest instead of by GPTQ
-(`--rounding nearest`) and with 4 outlier channels per input in FP32 (`--outliers 4`, whose weights are
-rounded to nearest), and `int8` and `int8-qdq` with the
-search and gate switched off (everything quantized: for `int8-qdq` what naive calibration does; for `int8`
-its speed is then measured even where the gated run failed); `--variants` makes only the named ones.
+cost recall on the dev split stay FP32), plus `int8` with its weights rounded to nearest instead of by
+GPTQ (`--rounding nearest`) and with 4 outlier channels per input in FP32 (`--outliers 4`, whose weights
+are rounded to nearest), and `int8` and `int8-qdq` with the search and gate switched off (everything
+quantized: for `int8-qdq` what naive calibration does; for `int8` its speed is then measured even where
+the gated run failed); `--variants` makes only the named ones.
 Then each tower of each variant runs in ONNX Runtime (`--threads` intra-op threads, ORT_ENABLE_ALL) on real
 test inputs at batch 1 and batch 64: median latency over `--repeats` runs after warm-up, and throughput
 (items per second). The recall columns come from the variant's manifest (the test split, against the FP32

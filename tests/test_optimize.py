@@ -48,7 +48,7 @@ def optimised(tiny_artifacts, tmp_path_factory):
         configs = {
             "fp16": OptimizeConfig("fp16", dev_items=64),
             "int8": OptimizeConfig("int8", calibration=32, dev_items=64),
-            # the two other int8 forms without the SmoothQuant sweep (the "int8" entry covers it): cheaper
+            # the other int8 forms without the SmoothQuant sweep (the "int8" entry covers it): cheaper
             "int8-per-tensor": OptimizeConfig("int8", activations="per-tensor", smooth="off", dev_items=64),
             "int8-outliers": OptimizeConfig("int8", calibration=32, outliers=2, smooth="off", dev_items=64),
             "int8-nearest": OptimizeConfig(
