@@ -106,9 +106,13 @@ class OptimizeConfig:
     rounding: str | None = None  # int8 per-token weights: nearest or GPTQ (None: GPTQ where it applies)
 
     def __post_init__(self) -> None:
-        if self.rounding is None:  # GPTQ needs the per-token form's own weights and every input channel
-            gptq = self.precision == "int8" and self.activations == "per-token" and not self.outliers
-            self.rounding = "gptq" if gptq else "nearest"
+        if self.rounding is None:
+            self.rounding = "gptq" if self.precision == "int8" and self.gptq_applies() else "nearest"
+
+    def gptq_applies(self) -> bool:
+        """GPTQ rounds the per-token form's own weights over every input channel: per-token inputs, no
+        outlier channels."""
+        return self.activations == "per-token" and not self.outliers
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -125,9 +129,7 @@ class OptimizeConfig:
             raise InputError(
                 f"--outliers {self.outliers}: expected a channel count >= 0, with --activations per-token"
             )
-        if self.rounding not in ROUNDINGS or (
-            self.rounding == "gptq" and (self.activations != "per-token" or self.outliers)
-        ):
+        if self.rounding not in ROUNDINGS or (self.rounding == "gptq" and not self.gptq_applies()):
             raise InputError(
                 f"--rounding {self.rounding!r}: expected nearest or gptq (gptq with --activations per-token "
                 "and no --outliers)"

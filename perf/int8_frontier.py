@@ -28,7 +28,14 @@ import time
 from pathlib import Path
 
 from xmr.export.manifest import read_manifest
-from xmr.export.optimize import OptimizeConfig, Optimizer, gate_drop, output_error
+from xmr.export.optimize import (
+    ACTIVATION_SCALES,
+    ROUNDINGS,
+    OptimizeConfig,
+    Optimizer,
+    gate_drop,
+    output_error,
+)
 from xmr.export.runners import OnnxRunner
 from xmr.export.scoring import ArtifactTask, run_of
 from xmr.perf.precision import tower_inputs
@@ -161,10 +168,8 @@ def main() -> None:
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--out", type=Path, default=Path("perf/results/int8_frontier"))
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 2, 4, 6, 9, 12, 18, 24])
-    parser.add_argument("--activations", choices=("per-token", "per-tensor"), default="per-token")
-    parser.add_argument(
-        "--rounding", choices=("gptq", "nearest"), default=None, help="default: as xmr optimize"
-    )
+    parser.add_argument("--activations", choices=ACTIVATION_SCALES, default="per-token")
+    parser.add_argument("--rounding", choices=ROUNDINGS, default=None, help="default: as xmr optimize")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dev-items", type=int, default=1000)
